@@ -1,0 +1,156 @@
+"""Flaminko configuration: a CLIP vision tower, a Perceiver resampler and gated cross-attention
+blocks in front of any Hugging Face causal LM.
+
+Shipped to the Hub as remote code: imports only torch, transformers and sibling files.
+"""
+
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+# The decoder layers of these families do not receive the keyword arguments of the model's
+# forward, which is how Flaminko routes the media into its cross-attention blocks.
+UNSUPPORTED_LANGUAGE_MODELS = {
+    "gptj": "GPT-J's decoder blocks are called without the model's keyword arguments",
+    "mpt": "MPT's decoder blocks are called without the model's keyword arguments",
+}
+
+# CLIP ViT-L/14 at 224 px, the vision tower of OpenFlamingo and OpenFlaminKO.
+DEFAULT_VISION_CONFIG = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+
+# EleutherAI/polyglot-ko-1.3b, the language model of OpenFlaminKO.
+DEFAULT_TEXT_CONFIG = {
+    "model_type": "gpt_neox",
+    "vocab_size": 30080,
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 8192,
+    "rotary_pct": 0.5,
+    "rotary_emb_base": 10000,
+    "max_position_embeddings": 2048,
+    "use_parallel_residual": True,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+}
+
+
+def _as_config(value, default: dict, name: str) -> PreTrainedConfig:
+    if value is None:
+        value = dict(default)
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict or a PreTrainedConfig, got {type(value).__name__}")
+    value = dict(value)
+    model_type = value.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{name} needs a 'model_type' entry to pick its config class")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{name} names model_type {model_type!r}, which this transformers does not know")
+    return CONFIG_MAPPING[model_type](**value)
+
+
+class FlaminkoConfig(PreTrainedConfig):
+    r"""Configuration of [`FlaminkoForConditionalGeneration`].
+
+    The defaults give the OpenFlaminKO shapes: CLIP ViT-L/14 + Polyglot-Ko-1.3B with a gated
+    cross-attention block before every decoder layer.
+
+    Example:
+
+    ```python
+    >>> from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration
+    >>> config = FlaminkoConfig(cross_attn_every_n_layers=4)
+    >>> model = FlaminkoForConditionalGeneration(config)
+    ```
+    """
+
+    model_type = "flaminko"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        # Gated cross-attention before decoder layer i when (i + 1) % n == 0 (OpenFlamingo's rule).
+        cross_attn_every_n_layers: int = 1,
+        cross_attn_heads: int = 8,
+        cross_attn_dim_head: int = 64,
+        cross_attn_ff_mult: int = 4,
+        # True: a token sees only the latest image before it; False: every image before it.
+        only_attend_immediate_media: bool = True,
+        # Perceiver resampler over the vision tower's patch tokens (width = vision hidden size).
+        perceiver_depth: int = 6,
+        perceiver_heads: int = 8,
+        perceiver_dim_head: int = 64,
+        perceiver_num_latents: int = 64,
+        perceiver_ff_mult: int = 4,
+        # Learned per-frame embeddings for video media; None: no frame embeddings (released models).
+        max_num_frames: int | None = None,
+        # Special tokens added by FlaminkoProcessor; None until a tokenizer assigns them.
+        media_token_id: int | None = None,
+        eoc_token_id: int | None = None,
+        # What stays frozen, as in OpenFlamingo: the vision tower and the LM, except the input
+        # embedding rows of <image> and <|endofchunk|>.
+        freeze_vision_model: bool = True,
+        freeze_language_model: bool = True,
+        train_new_token_embeddings: bool = True,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        vision_config = _as_config(vision_config, DEFAULT_VISION_CONFIG, "vision_config")
+        text_config = _as_config(text_config, DEFAULT_TEXT_CONFIG, "text_config")
+        if not isinstance(vision_config, CLIPVisionConfig):
+            raise ValueError(f"vision_config must be a CLIP vision config, got {type(vision_config).__name__}")
+        reason = UNSUPPORTED_LANGUAGE_MODELS.get(text_config.model_type)
+        if reason is not None:
+            raise ValueError(f"Language model family {text_config.model_type!r} is not supported: {reason}.")
+        if cross_attn_every_n_layers < 1:
+            raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {cross_attn_every_n_layers}")
+        if max_num_frames is not None and max_num_frames < 1:
+            raise ValueError(f"max_num_frames must be None or >= 1, got {max_num_frames}")
+        self.cross_attn_every_n_layers = cross_attn_every_n_layers
+        self.cross_attn_heads = cross_attn_heads
+        self.cross_attn_dim_head = cross_attn_dim_head
+        self.cross_attn_ff_mult = cross_attn_ff_mult
+        self.only_attend_immediate_media = only_attend_immediate_media
+        self.perceiver_depth = perceiver_depth
+        self.perceiver_heads = perceiver_heads
+        self.perceiver_dim_head = perceiver_dim_head
+        self.perceiver_num_latents = perceiver_num_latents
+        self.perceiver_ff_mult = perceiver_ff_mult
+        self.max_num_frames = max_num_frames
+        self.media_token_id = media_token_id
+        self.eoc_token_id = eoc_token_id
+        self.freeze_vision_model = freeze_vision_model
+        self.freeze_language_model = freeze_language_model
+        self.train_new_token_embeddings = train_new_token_embeddings
+        self.initializer_range = initializer_range
+        attn_implementation = kwargs.get("attn_implementation")
+        super().__init__(**kwargs)
+        # Set after the base class, whose attention setter would otherwise clear the attention
+        # implementation that prebuilt sub-models already resolved.
+        self.vision_config = vision_config
+        self.text_config = text_config
+        if attn_implementation is not None:
+            self._attn_implementation = attn_implementation
+
+    @property
+    def cross_attn_layer_indices(self) -> list[int]:
+        """Indices of the decoder layers that get a gated cross-attention block in front."""
+        n = self.cross_attn_every_n_layers
+        return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
+
+
+__all__ = ["FlaminkoConfig"]

@@ -1,0 +1,638 @@
+"""Flaminko: Flamingo (a frozen CLIP vision tower, a Perceiver resampler and gated cross-attention
+blocks) in front of an untouched Hugging Face causal LM.
+
+The LM keeps its own module tree and parameter names. Each gated cross-attention block lives on
+this model and runs as a forward pre-hook of the decoder layer it precedes; the media of a call
+reach the hook as a keyword argument that the LM passes down to its layers. Nothing about a call
+is stored on the model, so threads, nested calls and gradient checkpointing see only their own
+media.
+
+Shipped to the Hub as remote code: imports only torch, transformers and sibling files.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import transformers.initialization as init
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_flaminko import FlaminkoConfig
+from .processing_flaminko import FlaminkoProcessor
+
+# The keyword under which a call's media travel from this model through the LM to its layers.
+MEDIA_KWARG = "flaminko_media"
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_function(config: FlaminkoConfig):
+    implementation = config._attn_implementation or "eager"
+    # Flash kernels take only 2-D padding masks; the media mask is per token, so they fall back to SDPA.
+    if "flash" in implementation:
+        implementation = "sdpa"
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, S, H * d) -> (B, H, S, d)"""
+    batch, length, _ = x.shape
+    return x.view(batch, length, num_heads, -1).transpose(1, 2)
+
+
+class FlaminkoFeedForward(nn.Module):
+    def __init__(self, *, dim: int, mult: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up_proj = nn.Linear(dim, dim * mult, bias=False)
+        self.act = nn.GELU()
+        self.down_proj = nn.Linear(dim * mult, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(self.norm(x))))
+
+
+class FlaminkoPerceiverAttention(nn.Module):
+    """Latents attend to the media and to themselves (keys/values = media + latents)."""
+
+    def __init__(self, config: FlaminkoConfig):
+        super().__init__()
+        self.config = config
+        dim = config.vision_config.hidden_size
+        self.num_heads = config.perceiver_heads
+        inner_dim = config.perceiver_heads * config.perceiver_dim_head
+        self.scaling = config.perceiver_dim_head**-0.5
+        self.is_causal = False
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media (N, S, D), latents (N, L, D) -> (N, L, D)"""
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        query = _split_heads(self.to_q(latents), self.num_heads)
+        key, value = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        key, value = _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
+        attention = _attention_function(self.config)
+        output, _ = attention(self, query, key, value, None, scaling=self.scaling, dropout=0.0)
+        return self.to_out(output.flatten(2))
+
+
+class FlaminkoPerceiverLayer(nn.Module):
+    def __init__(self, config: FlaminkoConfig):
+        super().__init__()
+        self.attention = FlaminkoPerceiverAttention(config)
+        self.feed_forward = FlaminkoFeedForward(dim=config.vision_config.hidden_size, mult=config.perceiver_ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.attention(media, latents) + latents
+        return self.feed_forward(latents) + latents
+
+
+class FlaminkoPerceiverResampler(nn.Module):
+    """Turns the patch tokens of each image (all its frames) into a fixed number of latents."""
+
+    def __init__(self, config: FlaminkoConfig):
+        super().__init__()
+        dim = config.vision_config.hidden_size
+        self.latents = nn.Parameter(torch.empty(config.perceiver_num_latents, dim))
+        if config.max_num_frames is None:
+            self.frame_embeddings = None
+        else:
+            self.frame_embeddings = nn.Parameter(torch.empty(config.max_num_frames, dim))
+        self.layers = nn.ModuleList([FlaminkoPerceiverLayer(config) for _ in range(config.perceiver_depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """patch_features (B, T_img, F, V, D) -> latents (B, T_img, L, D); each image resampled alone."""
+        batch, num_images, num_frames, num_patches, dim = patch_features.shape
+        if self.frame_embeddings is not None:
+            if num_frames > self.frame_embeddings.shape[0]:
+                raise ValueError(
+                    f"Media have {num_frames} frames but the model has frame embeddings for at most "
+                    f"{self.frame_embeddings.shape[0]} (config.max_num_frames)"
+                )
+            patch_features = patch_features + self.frame_embeddings[:num_frames, None, :]
+        media = patch_features.reshape(batch * num_images, num_frames * num_patches, dim)
+        latents = self.latents.expand(batch * num_images, -1, -1)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.norm(latents).view(batch, num_images, -1, dim)
+
+
+class FlaminkoCrossAttention(nn.Module):
+    """Text tokens attend to the latents of the images the media mask allows."""
+
+    def __init__(self, config: FlaminkoConfig):
+        super().__init__()
+        self.config = config
+        text_dim = config.text_config.hidden_size
+        vision_dim = config.vision_config.hidden_size
+        self.num_heads = config.cross_attn_heads
+        inner_dim = config.cross_attn_heads * config.cross_attn_dim_head
+        self.scaling = config.cross_attn_dim_head**-0.5
+        self.is_causal = False
+        self.norm = nn.LayerNorm(text_dim)
+        self.to_q = nn.Linear(text_dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(vision_dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, text_dim, bias=False)
+
+    def project_media(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_features (B, T_img, L, Dv) -> keys, values (B, H, T_img * L, d)"""
+        key, value = self.to_kv(image_features.flatten(1, 2)).chunk(2, dim=-1)
+        return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
+
+    def forward(self, hidden_states, key, value, attention_mask, has_media) -> torch.Tensor:
+        """hidden_states (B, T, D); attention_mask (B, 1, T, T_img * L); has_media (B, T, 1)"""
+        query = _split_heads(self.to_q(self.norm(hidden_states)), self.num_heads)
+        attention = _attention_function(self.config)
+        output, _ = attention(self, query, key, value, attention_mask.to(query.dtype), scaling=self.scaling)
+        # Tokens before the first image get no visual signal (their rows are zeroed, as in OpenFlamingo).
+        return self.to_out(output.flatten(2) * has_media.to(output.dtype))
+
+
+class FlaminkoGatedCrossAttentionBlock(nn.Module):
+    """x + tanh(attn_gate) * cross_attn(x, media); then x + tanh(ff_gate) * ff(x). Zero gates: identity."""
+
+    def __init__(self, config: FlaminkoConfig):
+        super().__init__()
+        self.attn = FlaminkoCrossAttention(config)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FlaminkoFeedForward(dim=config.text_config.hidden_size, mult=config.cross_attn_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden_states, key=None, value=None, attention_mask=None, has_media=None) -> torch.Tensor:
+        if key is not None:
+            attended = self.attn(hidden_states, key, value, attention_mask, has_media)
+            hidden_states = attended * self.attn_gate.tanh() + hidden_states
+        return self.ff(hidden_states) * self.ff_gate.tanh() + hidden_states
+
+
+class FlaminkoMedia:
+    """The media of one forward call, handed to the decoder layers' pre-hooks through the LM.
+
+    key_values maps a decoder layer index to that block's projected media keys and values;
+    empty when the call has no images (the gated feed-forward still runs).
+    """
+
+    def __init__(self, key_values: dict, attention_mask=None, has_media=None):
+        self.key_values = key_values
+        self.attention_mask = attention_mask
+        self.has_media = has_media
+        self.layers_reached = 0
+
+
+class _RouteMedia:
+    """Forward pre-hook of a decoder layer: takes the call's media out of the layer's keyword
+    arguments and, where a gated block stands before this layer, applies it to the hidden states."""
+
+    def __init__(self, layer_idx: int, block: FlaminkoGatedCrossAttentionBlock | None):
+        self.layer_idx = layer_idx
+        self.block = block
+
+    def __call__(self, layer, args, kwargs):
+        media = kwargs.pop(MEDIA_KWARG, None)
+        if media is None or self.block is None:
+            return args, kwargs
+        media.layers_reached += 1
+        key, value = media.key_values.get(self.layer_idx, (None, None))
+        if args:
+            args = (self.block(args[0], key, value, media.attention_mask, media.has_media), *args[1:])
+        else:
+            hidden_states = kwargs["hidden_states"]
+            kwargs["hidden_states"] = self.block(hidden_states, key, value, media.attention_mask, media.has_media)
+        return args, kwargs
+
+
+class _KeepRows:
+    """Gradient hook that zeroes the gradient of every embedding row but the given ones."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = rows
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+        mask[self.rows] = 1
+        return grad * mask
+
+
+def decoder_layers(language_model: PreTrainedModel) -> nn.ModuleList:
+    """The ModuleList of decoder layers of any HF causal LM (layers, h, blocks, decoder.layers...)."""
+    num_layers = language_model.config.num_hidden_layers
+    for module in language_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(
+        f"Could not find the {num_layers} decoder layers of {type(language_model).__name__}: "
+        "Flaminko needs a ModuleList of num_hidden_layers decoder layers"
+    )
+
+
+def media_positions(input_ids: torch.LongTensor, media_token_id: int, past_count=None) -> torch.LongTensor:
+    """For each token, the 1-based index of the latest <image> at or before it (0: none yet).
+
+    The <image> token itself sees its image. past_count (B,) counts the <image> tokens of a cached prefix.
+    """
+    positions = (input_ids == media_token_id).long().cumsum(-1)
+    if past_count is not None:
+        positions = positions + past_count.to(positions.device)[:, None]
+    return positions
+
+
+def media_attention_mask(
+    positions: torch.LongTensor, num_images: int, num_latents: int, only_immediate: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> additive mask (B, 1, T, num_images * num_latents), has_media (B, T, 1).
+
+    Rows of tokens with no image yet are left open (never all -inf, which gives NaN in SDPA) and
+    zeroed by has_media after attention.
+    """
+    image_index = torch.arange(1, num_images + 1, device=positions.device).repeat_interleave(num_latents)
+    if only_immediate:
+        allowed = positions[..., None] == image_index
+    else:
+        allowed = positions[..., None] >= image_index
+    has_media = positions > 0
+    allowed = allowed | ~has_media[..., None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None], has_media[..., None]
+
+
+@dataclass
+class FlaminkoCausalLMOutputWithPast(ModelOutput):
+    """
+    image_features: (B, T_img, L, D_vision) resampled latents of the call's images.
+    media_key_values: per gated block (in layer order), the projected media keys and values;
+        pass them back with image_features to skip that work in later calls.
+    image_token_count: (B,) <image> tokens seen up to the end of this call, including the cache;
+        pass it as past_image_token_count when decoding with past_key_values by hand.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_features: torch.FloatTensor | None = None
+    media_key_values: tuple[tuple[torch.FloatTensor, torch.FloatTensor], ...] | None = None
+    image_token_count: torch.LongTensor | None = None
+
+
+class FlaminkoPreTrainedModel(PreTrainedModel):
+    config: FlaminkoConfig
+    config_class = FlaminkoConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlaminkoGatedCrossAttentionBlock", "FlaminkoPerceiverLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if isinstance(module, FlaminkoPerceiverResampler):
+            init.normal_(module.latents)
+            if module.frame_embeddings is not None:
+                init.normal_(module.frame_embeddings, std=self.config.initializer_range)
+        elif isinstance(module, FlaminkoGatedCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        else:
+            super()._init_weights(module)
+
+
+class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin):
+    """CLIP vision tower -> Perceiver resampler -> gated cross-attention in front of a causal LM.
+
+    `vision_model` and `language_model` may be given prebuilt (e.g. pretrained); otherwise they
+    are built from the config.
+    """
+
+    def __init__(self, config: FlaminkoConfig, *, vision_model=None, language_model=None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.perceiver = FlaminkoPerceiverResampler(config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.cross_attn_layers = nn.ModuleDict(
+            {str(i): FlaminkoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
+        )
+        for i, layer in enumerate(decoder_layers(self.language_model)):
+            block = self.cross_attn_layers[str(i)] if str(i) in self.cross_attn_layers else None
+            layer.register_forward_pre_hook(_RouteMedia(i, block), with_kwargs=True)
+        self.post_init()
+        self.apply_freezing()
+        if self.generation_config is not None and config.eoc_token_id is not None:
+            text_eos = config.text_config.eos_token_id
+            text_eos = text_eos if isinstance(text_eos, list) else [text_eos] if text_eos is not None else []
+            self.generation_config.eos_token_id = [config.eoc_token_id, *text_eos]
+            self.generation_config.pad_token_id = config.text_config.pad_token_id
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model_name_or_path,
+        language_model_name_or_path,
+        *,
+        tokenizer_name_or_path=None,
+        dtype=None,
+        **config_kwargs,
+    ):
+        """A model with a pretrained CLIP vision tower and causal LM (Hub ids or folders) and a fresh
+        resampler and gated cross-attention; returns (model, processor).
+
+        The tokenizer comes from the LM unless tokenizer_name_or_path is given; config_kwargs go to
+        FlaminkoConfig (e.g. cross_attn_every_n_layers=4).
+        """
+        vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
+        language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
+        tokenizer.padding_side = "left"
+        image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
+        processor = FlaminkoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        config = FlaminkoConfig(
+            vision_config=vision_model.config,
+            text_config=language_model.config,
+            media_token_id=processor.image_token_id,
+            eoc_token_id=processor.end_of_chunk_token_id,
+            **config_kwargs,
+        )
+        model = cls(config, vision_model=vision_model, language_model=language_model)
+        # Resized after construction, so that post_init never re-initialises the pretrained rows.
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+            model.apply_freezing()
+        language_model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if dtype is not None:
+            model.to(dtype)
+        return model, processor
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading materialises fresh parameters, which forget requires_grad.
+        model.apply_freezing()
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # register_for_auto_class records one auto class; the saved code serves these two as well.
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_flaminko.FlaminkoForConditionalGeneration",
+                "AutoProcessor": "processing_flaminko.FlaminkoProcessor",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def apply_freezing(self):
+        """Set requires_grad from the config (OpenFlamingo's default: only the resampler, the
+        gated blocks and the <image>/<|endofchunk|> embedding rows train)."""
+        config = self.config
+        self.vision_model.requires_grad_(not config.freeze_vision_model)
+        self.language_model.requires_grad_(not config.freeze_language_model)
+        self.perceiver.requires_grad_(True)
+        self.cross_attn_layers.requires_grad_(True)
+        if config.freeze_language_model and config.train_new_token_embeddings:
+            self.get_input_embeddings().requires_grad_(True)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def _new_token_rows(self) -> list[int]:
+        return [i for i in (self.config.media_token_id, self.config.eoc_token_id) if i is not None]
+
+    def _restrict_embedding_gradients(self):
+        """With a frozen LM, only the rows of the new special tokens of the (trainable) embedding
+        matrix may change. The hook lives on the parameter, so a reloaded or resized matrix gets its own."""
+        weight = self.get_input_embeddings().weight
+        if not (self.config.freeze_language_model and weight.requires_grad):
+            return
+        if getattr(weight, "_flaminko_rows_hooked", False):
+            return
+        weight.register_hook(_KeepRows(self._new_token_rows()))
+        weight._flaminko_rows_hooked = True
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> latents (B, T_img, L, D_vision)."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(2)
+        if pixel_values.ndim != 6:
+            raise ValueError(
+                "pixel_values must have shape (batch, images, channels, height, width) or "
+                f"(batch, images, frames, channels, height, width); got {tuple(pixel_values.shape)}"
+            )
+        batch, num_images, num_frames, channels, height, width = pixel_values.shape
+        vision = self.config.vision_config
+        if (channels, height, width) != (vision.num_channels, vision.image_size, vision.image_size):
+            raise ValueError(
+                f"pixel_values images are {channels}x{height}x{width} but the vision tower expects "
+                f"{vision.num_channels}x{vision.image_size}x{vision.image_size} (channels x height x width)"
+            )
+        trainable = any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
+            # Patch tokens without CLS, before the post-layernorm: what OpenFlamingo feeds its resampler.
+            patches = self.vision_model(pixel_values=flat).last_hidden_state[:, 1:]
+        patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
+        return self.perceiver(patches)
+
+    def project_media(self, image_features: torch.Tensor) -> tuple:
+        """The media keys and values of every gated block, in layer order."""
+        return tuple(block.attn.project_media(image_features) for block in self.cross_attn_layers.values())
+
+    def _build_media(self, input_ids, image_features, media_key_values, past_image_token_count, past_length):
+        media_id = self.config.media_token_id
+        if image_features is None:
+            if media_id is not None and past_length == 0 and bool((input_ids == media_id).any()):
+                raise ValueError(
+                    "input_ids contain <image> tokens but neither pixel_values nor image_features were given"
+                )
+            return FlaminkoMedia({}), None
+        if media_id is None:
+            raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
+        if image_features.ndim != 4 or image_features.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"image_features must be (batch={input_ids.shape[0]}, images, latents, dim); "
+                f"got {tuple(image_features.shape)}"
+            )
+        if past_length > 0 and past_image_token_count is None:
+            raise ValueError(
+                "Decoding with past_key_values and images needs past_image_token_count: pass the "
+                "image_token_count of the previous call's output"
+            )
+        positions = media_positions(input_ids, media_id, past_image_token_count)
+        num_images = image_features.shape[1]
+        most = int(positions[:, -1].max()) if positions.numel() else 0
+        if most > num_images:
+            raise ValueError(
+                f"A sample has {most} <image> tokens but only {num_images} images were given per sample"
+            )
+        if media_key_values is None:
+            media_key_values = self.project_media(image_features)
+        elif len(media_key_values) != len(self.cross_attn_layers):
+            raise ValueError(
+                f"media_key_values has {len(media_key_values)} entries for {len(self.cross_attn_layers)} gated blocks"
+            )
+        mask, has_media = media_attention_mask(
+            positions,
+            num_images,
+            image_features.shape[2],
+            self.config.only_attend_immediate_media,
+            image_features.dtype,
+        )
+        key_values = {int(i): kv for i, kv in zip(self.cross_attn_layers.keys(), media_key_values)}
+        return FlaminkoMedia(key_values, mask, has_media), media_key_values
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        media_key_values: tuple | None = None,
+        past_image_token_count: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> FlaminkoCausalLMOutputWithPast:
+        r"""
+        pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
+        image_features: resampled latents from a previous call or `get_image_features` (instead of pixel_values).
+        media_key_values: the media keys/values of a previous call's output (with image_features).
+        past_image_token_count: (B,) <image> tokens in the cached prefix, when past_key_values is given by hand.
+        """
+        if input_ids is None:
+            raise ValueError("Flaminko needs input_ids: the <image> tokens in them place the images")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("Flaminko takes input_ids, not inputs_embeds: the <image> tokens place the images")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or image_features, not both")
+        if pixel_values is not None:
+            if pixel_values.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {input_ids.shape[0]}"
+                )
+            image_features = self.get_image_features(pixel_values)
+            media_key_values = None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        media, media_key_values = self._build_media(
+            input_ids, image_features, media_key_values, past_image_token_count, past_length
+        )
+        self._restrict_embedding_gradients()
+        kwargs.pop("return_dict", None)
+        lm_kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        outputs = self.language_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            return_dict=True,
+            **{MEDIA_KWARG: media},
+            **lm_kwargs,
+            **kwargs,
+        )
+        if len(self.cross_attn_layers) and media.layers_reached == 0:
+            raise RuntimeError(
+                f"{type(self.language_model).__name__} did not pass the media to its decoder layers; "
+                "its layers must receive the keyword arguments of the model's forward"
+            )
+        image_token_count = None
+        if self.config.media_token_id is not None:
+            image_token_count = media_positions(input_ids, self.config.media_token_id, past_image_token_count)[:, -1]
+        return FlaminkoCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            image_token_count=image_token_count,
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, pixel_values=None, image_features=None, media_key_values=None, **kwargs
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            pixel_values=pixel_values if image_features is None else None,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            **kwargs,
+        )
+        cached = input_ids.shape[1] - model_inputs["input_ids"].shape[1]
+        if self.config.media_token_id is not None:
+            model_inputs["past_image_token_count"] = (input_ids[:, :cached] == self.config.media_token_id).sum(-1)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        # The images are encoded and projected once per generate call, then reused at every step.
+        if outputs.image_features is not None:
+            model_kwargs["image_features"] = outputs.image_features
+            model_kwargs["media_key_values"] = outputs.media_key_values
+            model_kwargs.pop("pixel_values", None)
+        return model_kwargs
+
+    def generate(self, inputs=None, *, vision_x=None, lang_x=None, **kwargs):
+        """GenerationMixin.generate; also takes OpenFlamingo's vision_x (B, T_img, F, C, H, W) and lang_x."""
+        if lang_x is not None:
+            if inputs is not None or kwargs.get("input_ids") is not None:
+                raise ValueError("Pass lang_x or input_ids, not both")
+            kwargs["input_ids"] = lang_x
+        if vision_x is not None:
+            if kwargs.get("pixel_values") is not None:
+                raise ValueError("Pass vision_x or pixel_values, not both")
+            kwargs["pixel_values"] = vision_x
+        return super().generate(inputs, **kwargs)
+
+
+__all__ = ["FlaminkoForConditionalGeneration", "FlaminkoPreTrainedModel", "FlaminkoCausalLMOutputWithPast"]
