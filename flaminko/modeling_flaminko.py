@@ -551,11 +551,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or image_features, not both")
         if pixel_values is not None:
-            if pixel_values.shape[0] != input_ids.shape[0]:
+            image_features = self.get_image_features(pixel_values)
+            if image_features.shape[0] != input_ids.shape[0]:
                 raise ValueError(
                     f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {input_ids.shape[0]}"
                 )
-            image_features = self.get_image_features(pixel_values)
             media_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         media, media_key_values = self._build_media(
