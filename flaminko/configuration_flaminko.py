@@ -77,6 +77,7 @@ class FlaminkoConfig(PreTrainedConfig):
     """
 
     model_type = "flaminko"
+    keys_to_ignore_at_inference = ["past_key_values", "image_features", "media_key_values", "image_token_count"]
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     def __init__(

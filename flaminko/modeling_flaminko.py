@@ -226,15 +226,20 @@ class _RouteMedia:
         return args, kwargs
 
 
-class _KeepRows:
-    """Gradient hook that zeroes the gradient of every embedding row but the given ones."""
+class _KeepNewTokenRows:
+    """Gradient hook of the embedding matrix: while the config freezes the LM, only the rows of
+    <image> and <|endofchunk|> keep their gradient. Reads the config at each call, so a later
+    change of the freezing settings takes effect."""
 
-    def __init__(self, rows: list[int]):
-        self.rows = rows
+    def __init__(self, config: FlaminkoConfig):
+        self.config = config
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        if not (self.config.freeze_language_model and self.config.train_new_token_embeddings):
+            return grad
+        rows = [i for i in (self.config.media_token_id, self.config.eoc_token_id) if i is not None]
         mask = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
-        mask[self.rows] = 1
+        mask[rows] = 1
         return grad * mask
 
 
@@ -347,11 +352,21 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             layer.register_forward_pre_hook(_RouteMedia(i, block), with_kwargs=True)
         self.post_init()
         self.apply_freezing()
-        if self.generation_config is not None and config.eoc_token_id is not None:
+        self._set_generation_defaults()
+
+    def _set_generation_defaults(self):
+        """<|endofchunk|> (and the LM's EOS) end generation; <image> is never generated, since no
+        image would stand behind it."""
+        config = self.config
+        if self.generation_config is None:
+            return
+        if config.eoc_token_id is not None:
             text_eos = config.text_config.eos_token_id
             text_eos = text_eos if isinstance(text_eos, list) else [text_eos] if text_eos is not None else []
             self.generation_config.eos_token_id = [config.eoc_token_id, *text_eos]
-            self.generation_config.pad_token_id = config.text_config.pad_token_id
+        if config.media_token_id is not None:
+            self.generation_config.suppress_tokens = [config.media_token_id]
+        self.generation_config.pad_token_id = config.text_config.pad_token_id
 
     @classmethod
     def from_backbones(
@@ -388,7 +403,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             model.resize_token_embeddings(len(tokenizer))
             model.apply_freezing()
         language_model.config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model._set_generation_defaults()
         if dtype is not None:
             model.to(dtype)
         return model, processor
@@ -436,19 +451,13 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     def get_decoder(self):
         return self.language_model.get_decoder()
 
-    def _new_token_rows(self) -> list[int]:
-        return [i for i in (self.config.media_token_id, self.config.eoc_token_id) if i is not None]
-
     def _restrict_embedding_gradients(self):
-        """With a frozen LM, only the rows of the new special tokens of the (trainable) embedding
-        matrix may change. The hook lives on the parameter, so a reloaded or resized matrix gets its own."""
+        """The row mask lives on the embedding parameter itself, so a reloaded or resized matrix
+        (a new parameter) gets its own the first time it is used."""
         weight = self.get_input_embeddings().weight
-        if not (self.config.freeze_language_model and weight.requires_grad):
-            return
-        if getattr(weight, "_flaminko_rows_hooked", False):
-            return
-        weight.register_hook(_KeepRows(self._new_token_rows()))
-        weight._flaminko_rows_hooked = True
+        if weight.requires_grad and not getattr(weight, "_flaminko_rows_hooked", False):
+            weight.register_hook(_KeepNewTokenRows(self.config))
+            weight._flaminko_rows_hooked = True
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> latents (B, T_img, L, D_vision)."""
@@ -502,7 +511,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             )
         positions = media_positions(input_ids, media_id, past_image_token_count)
         num_images = image_features.shape[1]
-        most = int(positions[:, -1].max()) if positions.numel() else 0
+        # Checked on the prompt only: a check per decoding step would stall the GPU on a sync.
+        most = int(positions[:, -1].max()) if past_length == 0 and positions.numel() else 0
         if most > num_images:
             raise ValueError(
                 f"A sample has {most} <image> tokens but only {num_images} images were given per sample"

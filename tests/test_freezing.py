@@ -33,3 +33,16 @@ def test_freezing_is_switchable_in_the_config(backbones):
     assert len(names) == len(list(model.parameters()))
     model, _ = build_model(backbones, train_new_token_embeddings=False)
     assert not any(n.startswith("language_model.") for n in trainable(model))
+
+
+def test_unfreezing_after_use_releases_the_embedding_row_mask(backbones):
+    model, processor = build_model(backbones)
+    batch = processor(text="<image>빨간색 원<|endofchunk|><image>파란색", images=[noise_image(1), noise_image(2)])
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.config.freeze_language_model = False
+    model.apply_freezing()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    rows_with_gradient = model.get_input_embeddings().weight.grad.abs().sum(-1).nonzero().numel()
+    assert rows_with_gradient > 2

@@ -103,3 +103,11 @@ def test_openflaminko_readme_runs_with_only_the_import_changed(backbones):
     assert torch.equal(generated, same)
     assert isinstance(tokenizer.decode(generated[0]), str)
     assert model.config.cross_attn_every_n_layers == 1
+
+
+def test_image_token_is_never_generated(model_and_processor):
+    model, processor = model_and_processor
+    media = model.config.media_token_id
+    batch = processor(text=PROMPTS[0], images=[noise_image(1), noise_image(2)])
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False, sequence_bias={(media,): 100.0})
+    assert media not in out[0, batch["input_ids"].shape[1] :].tolist()
