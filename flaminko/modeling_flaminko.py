@@ -20,6 +20,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    CLIPImageProcessorPil,
     CLIPVisionModel,
     GenerationMixin,
     PreTrainedModel,
@@ -388,7 +389,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
         tokenizer.padding_side = "left"
-        image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
+        except ImportError:
+            # Without torchvision, transformers before 5.23 does not fall back to the PIL processor itself.
+            image_processor = CLIPImageProcessorPil.from_pretrained(vision_model_name_or_path)
         processor = FlaminkoProcessor(image_processor=image_processor, tokenizer=tokenizer)
         config = FlaminkoConfig(
             vision_config=vision_model.config,
