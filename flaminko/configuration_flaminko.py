@@ -7,13 +7,6 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-# The decoder layers of these families do not receive the keyword arguments of the model's
-# forward, which is how Flaminko routes the media into its cross-attention blocks.
-UNSUPPORTED_LANGUAGE_MODELS = {
-    "gptj": "GPT-J's decoder blocks are called without the model's keyword arguments",
-    "mpt": "MPT's decoder blocks are called without the model's keyword arguments",
-}
-
 # CLIP ViT-L/14 at 224 px, the vision tower of OpenFlamingo and OpenFlaminKO.
 DEFAULT_VISION_CONFIG = {
     "model_type": "clip_vision_model",
@@ -114,9 +107,6 @@ class FlaminkoConfig(PreTrainedConfig):
         text_config = _as_config(text_config, DEFAULT_TEXT_CONFIG, "text_config")
         if not isinstance(vision_config, CLIPVisionConfig):
             raise ValueError(f"vision_config must be a CLIP vision config, got {type(vision_config).__name__}")
-        reason = UNSUPPORTED_LANGUAGE_MODELS.get(text_config.model_type)
-        if reason is not None:
-            raise ValueError(f"Language model family {text_config.model_type!r} is not supported: {reason}.")
         if cross_attn_every_n_layers < 1:
             raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {cross_attn_every_n_layers}")
         if max_num_frames is not None and max_num_frames < 1:

@@ -10,9 +10,12 @@ media.
 Shipped to the Hub as remote code: imports only torch, transformers and sibling files.
 """
 
+import contextvars
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging import version
 from torch import nn
 import transformers.initialization as init
 from transformers import (
@@ -34,6 +37,12 @@ from .processing_flaminko import FlaminkoProcessor
 
 # The keyword under which a call's media travel from this model through the LM to its layers.
 MEDIA_KWARG = "flaminko_media"
+# Families whose models call their decoder layers without the forward's keyword arguments: their
+# media travel in a context variable instead (per thread and per nested call, like the keyword).
+LAYERS_WITHOUT_KWARGS = ("gptj", "mpt")
+_MEDIA_OF_THIS_CALL: contextvars.ContextVar = contextvars.ContextVar("flaminko_media", default=None)
+# From transformers 5.23 on, gradient checkpointing wraps a layer's forward, not its hooks.
+_HOOKS_OUTSIDE_CHECKPOINT = version.parse(transformers.__version__) >= version.parse("5.23.0")
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -214,7 +223,7 @@ class _RouteMedia:
         self.block = block
 
     def __call__(self, layer, args, kwargs):
-        media = kwargs.pop(MEDIA_KWARG, None)
+        media = kwargs.pop(MEDIA_KWARG, None) or _MEDIA_OF_THIS_CALL.get()
         if media is None or self.block is None:
             return args, kwargs
         media.layers_reached += 1
@@ -578,19 +587,32 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         )
         self._restrict_embedding_gradients()
         kwargs.pop("return_dict", None)
-        lm_kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        outputs = self.language_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
-            use_cache=use_cache,
-            return_dict=True,
-            **{MEDIA_KWARG: media},
-            **lm_kwargs,
-            **kwargs,
-        )
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
+            if self.language_model.is_gradient_checkpointing and self.training and not _HOOKS_OUTSIDE_CHECKPOINT:
+                raise ValueError(
+                    f"Gradient checkpointing of {self.config.text_config.model_type} layers needs transformers "
+                    ">= 5.23: earlier versions recompute the layer hooks in backward, where this call's media are gone"
+                )
+            context = _MEDIA_OF_THIS_CALL.set(media)
+        else:
+            context = None
+            kwargs[MEDIA_KWARG] = media
+        try:
+            outputs = self.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                labels=labels,
+                use_cache=use_cache,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            if context is not None:
+                _MEDIA_OF_THIS_CALL.reset(context)
         if len(self.cross_attn_layers) and media.layers_reached == 0:
             raise RuntimeError(
                 f"{type(self.language_model).__name__} did not pass the media to its decoder layers; "

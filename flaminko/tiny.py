@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-TEXT_FAMILIES = ("gpt_neox", "llama", "gpt2", "opt", "qwen2")
+TEXT_FAMILIES = ("gpt_neox", "llama", "gpt2", "opt", "qwen2", "gptj", "mpt")
 IMAGE_SIZE = 32
 
 _TEXT_CONFIGS = {
@@ -27,6 +27,8 @@ _TEXT_CONFIGS = {
     "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=512),
     "opt": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
     "qwen2": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    "gptj": dict(n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=512),
+    "mpt": dict(d_model=32, n_layers=4, n_heads=4, expansion_ratio=2, max_seq_len=512),
 }
 
 

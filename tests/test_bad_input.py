@@ -97,8 +97,6 @@ def test_pixel_values_and_image_features_together(model_and_processor, batch):
 @pytest.mark.parametrize(
     "text_config, message",
     [
-        ({"model_type": "gptj"}, "'gptj' is not supported: GPT-J"),
-        ({"model_type": "mpt"}, "'mpt' is not supported: MPT"),
         ({"model_type": "no-such-lm"}, "does not know"),
         ({"hidden_size": 8}, "needs a 'model_type'"),
     ],
