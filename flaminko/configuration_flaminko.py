@@ -79,9 +79,12 @@ class FlaminkoConfig(PreTrainedConfig):
         text_config=None,
         # Gated cross-attention before decoder layer i when (i + 1) % n == 0 (OpenFlamingo's rule).
         cross_attn_every_n_layers: int = 1,
+        # Explicit decoder-layer indices instead of the rule above (flamingo-mini: 0, n, 2n, ...).
+        cross_attn_layers: list[int] | None = None,
         cross_attn_heads: int = 8,
         cross_attn_dim_head: int = 64,
         cross_attn_ff_mult: int = 4,
+        cross_attn_ff_act: str = "gelu",
         # True: a token sees only the latest image before it; False: every image before it.
         only_attend_immediate_media: bool = True,
         # Perceiver resampler over the vision tower's patch tokens (width = vision hidden size).
@@ -90,6 +93,7 @@ class FlaminkoConfig(PreTrainedConfig):
         perceiver_dim_head: int = 64,
         perceiver_num_latents: int = 64,
         perceiver_ff_mult: int = 4,
+        perceiver_ff_act: str = "gelu",
         # Learned per-frame embeddings for video media; None: no frame embeddings (released models).
         max_num_frames: int | None = None,
         # Special tokens added by FlaminkoProcessor; None until a tokenizer assigns them.
@@ -109,18 +113,24 @@ class FlaminkoConfig(PreTrainedConfig):
             raise ValueError(f"vision_config must be a CLIP vision config, got {type(vision_config).__name__}")
         if cross_attn_every_n_layers < 1:
             raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {cross_attn_every_n_layers}")
+        num_layers = text_config.num_hidden_layers
+        if cross_attn_layers is not None and any(not 0 <= i < num_layers for i in cross_attn_layers):
+            raise ValueError(f"cross_attn_layers must lie in 0..{num_layers - 1}, got {list(cross_attn_layers)}")
         if max_num_frames is not None and max_num_frames < 1:
             raise ValueError(f"max_num_frames must be None or >= 1, got {max_num_frames}")
         self.cross_attn_every_n_layers = cross_attn_every_n_layers
+        self.cross_attn_layers = list(cross_attn_layers) if cross_attn_layers is not None else None
         self.cross_attn_heads = cross_attn_heads
         self.cross_attn_dim_head = cross_attn_dim_head
         self.cross_attn_ff_mult = cross_attn_ff_mult
+        self.cross_attn_ff_act = cross_attn_ff_act
         self.only_attend_immediate_media = only_attend_immediate_media
         self.perceiver_depth = perceiver_depth
         self.perceiver_heads = perceiver_heads
         self.perceiver_dim_head = perceiver_dim_head
         self.perceiver_num_latents = perceiver_num_latents
         self.perceiver_ff_mult = perceiver_ff_mult
+        self.perceiver_ff_act = perceiver_ff_act
         self.max_num_frames = max_num_frames
         self.media_token_id = media_token_id
         self.eoc_token_id = eoc_token_id
@@ -140,6 +150,8 @@ class FlaminkoConfig(PreTrainedConfig):
     @property
     def cross_attn_layer_indices(self) -> list[int]:
         """Indices of the decoder layers that get a gated cross-attention block in front."""
+        if self.cross_attn_layers is not None:
+            return sorted(self.cross_attn_layers)
         n = self.cross_attn_every_n_layers
         return [i for i in range(self.text_config.num_hidden_layers) if (i + 1) % n == 0]
 

@@ -28,6 +28,7 @@ from transformers import (
     GenerationMixin,
     PreTrainedModel,
 )
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -70,11 +71,11 @@ def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class FlaminkoFeedForward(nn.Module):
-    def __init__(self, *, dim: int, mult: int):
+    def __init__(self, *, dim: int, mult: int, act: str):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.up_proj = nn.Linear(dim, dim * mult, bias=False)
-        self.act = nn.GELU()
+        self.act = ACT2FN[act]
         self.down_proj = nn.Linear(dim * mult, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,9 @@ class FlaminkoPerceiverLayer(nn.Module):
     def __init__(self, config: FlaminkoConfig):
         super().__init__()
         self.attention = FlaminkoPerceiverAttention(config)
-        self.feed_forward = FlaminkoFeedForward(dim=config.vision_config.hidden_size, mult=config.perceiver_ff_mult)
+        self.feed_forward = FlaminkoFeedForward(
+            dim=config.vision_config.hidden_size, mult=config.perceiver_ff_mult, act=config.perceiver_ff_act
+        )
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         latents = self.attention(media, latents) + latents
@@ -190,7 +193,9 @@ class FlaminkoGatedCrossAttentionBlock(nn.Module):
         super().__init__()
         self.attn = FlaminkoCrossAttention(config)
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = FlaminkoFeedForward(dim=config.text_config.hidden_size, mult=config.cross_attn_ff_mult)
+        self.ff = FlaminkoFeedForward(
+            dim=config.text_config.hidden_size, mult=config.cross_attn_ff_mult, act=config.cross_attn_ff_act
+        )
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden_states, key=None, value=None, attention_mask=None, has_media=None) -> torch.Tensor:
