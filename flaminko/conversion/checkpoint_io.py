@@ -1,0 +1,83 @@
+"""Reading foreign checkpoints safely and writing converted Flaminko folders."""
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# Wrappers that training code puts in front of parameter names (DDP, FSDP, activation checkpointing, torch.compile).
+WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# Keys under which training loops nest the model's weights.
+NESTED_STATE_KEYS = ("model_state_dict", "state_dict", "model")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a .safetensors, .pt or .bin file or a training checkpoint.
+
+    Pickles load with weights_only=True: a file holding anything but tensors and plain
+    containers is refused, never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Checkpoint {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        try:
+            # Zip-format files (torch >= 1.6) are memory-mapped, so large ones are not read twice.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as error:
+            raise ValueError(f"Refusing to load {str(path)!r}: it is not a plain tensor checkpoint ({error})") from error
+    for key in NESTED_STATE_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} holds no flat state dict of tensors")
+    return {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@dataclass
+class ConversionSummary:
+    tensors_mapped: int = 0
+    parameters: int = 0
+    dtype: str = ""
+    bytes_written: int = 0
+    initialised: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"tensors mapped:   {self.tensors_mapped}",
+            f"parameters:       {self.parameters:,}",
+            f"dtype:            {self.dtype}",
+            f"bytes written:    {self.bytes_written:,}",
+        ]
+        lines += [f"initialised:      {note}" for note in self.initialised]
+        if self.max_abs_diff is not None:
+            lines.append(f"max |logits diff| vs reference: {self.max_abs_diff:.3g}")
+        return "\n".join(lines)
+
+
+def write_converted_folder(model, processor, out, *, base_models: list[str], origin: str, summary: ConversionSummary):
+    """Safetensors weights, config, processor, remote code and a model card; fills in the summary."""
+    from ..hub_card import build_model_card
+
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    card = build_model_card(
+        model, base_models=base_models, origin=f"Converted from a {origin} checkpoint with `flaminko convert`."
+    )
+    card.save(Path(out) / "README.md")
+    summary.parameters = sum(p.numel() for p in model.parameters())
+    summary.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    summary.bytes_written = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())

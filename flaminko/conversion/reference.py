@@ -1,0 +1,131 @@
+"""OpenFlamingo's own model code as the oracle for converted checkpoints.
+
+Needs `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`. The package's __init__
+imports open_clip (and torchvision); the model code itself needs only torch, einops and
+transformers, so it is imported without running that __init__, around HF backbones.
+"""
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+from ..modeling_flaminko import decoder_layers
+
+INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
+
+
+def open_flamingo_modules():
+    """(flamingo, flamingo_lm, utils) modules of open_flamingo.src."""
+    if "open_flamingo" not in sys.modules:
+        spec = importlib.util.find_spec("open_flamingo")
+        if spec is None:
+            raise ImportError(f"The reference implementation is not installed: {INSTALL_HINT}")
+        package = types.ModuleType("open_flamingo")
+        package.__spec__ = spec
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["open_flamingo"] = package
+    try:
+        return tuple(importlib.import_module(f"open_flamingo.src.{name}") for name in ("flamingo", "flamingo_lm", "utils"))
+    except ImportError as error:
+        raise ImportError(f"OpenFlamingo's model code needs einops and einops-exts: {INSTALL_HINT}") from error
+
+
+class _OpenClipLikeTower(nn.Module):
+    """What OpenFlamingo reads from open_clip: `.visual(x)[1]` = patch tokens, no CLS, before ln_post."""
+
+    def __init__(self, clip: CLIPVisionModel):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values):
+        output = self.clip(pixel_values=pixel_values)
+        return output.pooler_output, output.last_hidden_state[:, 1:]
+
+
+def build_open_flamingo(vision, language_model, cross_attn_every_n_layers: int, tokenizer=None):
+    """OpenFlamingo's Flamingo around HF backbones, set up as its factory does (tokens, resize,
+    freezing). Returns (model, tokenizer)."""
+    flamingo, flamingo_lm, utils = open_flamingo_modules()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer or language_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
+    layers = decoder_layers(lang_encoder)
+    layers_path = next(name for name, module in lang_encoder.named_modules() if module is layers)
+    utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
+    lang_encoder.set_decoder_layers_attr_name(layers_path)
+    lang_encoder.resize_token_embeddings(len(tokenizer))
+    clip = CLIPVisionModel.from_pretrained(vision)
+    vision_encoder = nn.Module()
+    vision_encoder.visual = _OpenClipLikeTower(clip)
+    model = flamingo.Flamingo(
+        vision_encoder,
+        lang_encoder,
+        tokenizer.encode("<|endofchunk|>")[-1],
+        tokenizer.encode("<image>")[-1],
+        vis_dim=clip.config.hidden_size,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+    )
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    return model, tokenizer
+
+
+def probe_inputs(tokenizer, image_size: int, seed: int = 0):
+    """Two prompts, left-padded, with text before the first image and several images each."""
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer.padding_side = "left"
+    text = [
+        "글 먼저<image>빨간색 원<|endofchunk|><image>파란색",
+        "<image>Output: a photo<|endofchunk|><image>Output:",
+    ]
+    batch = tokenizer(text, return_tensors="pt", padding=True)
+    vision_x = torch.randn(2, 2, 1, 3, image_size, image_size, generator=generator)
+    return vision_x, batch["input_ids"], batch["attention_mask"]
+
+
+def compare_with_open_flamingo(
+    folder, checkpoint, vision, language_model, cross_attn_every_n_layers, *, tokenizer=None, initialised_from_row=None
+):
+    """Largest |logits difference| between the converted folder and OpenFlamingo loaded with the
+    checkpoint (strict=False, as OpenFlamingo loads it) on a fixed probe; raises AssertionError if
+    their greedy or beam-search generations differ. initialised_from_row: where the converter set
+    output rows the checkpoint lacks to the mean of the rows before it; the reference gets the same."""
+    from ..modeling_flaminko import FlaminkoForConditionalGeneration
+
+    reference, reference_tokenizer = build_open_flamingo(vision, language_model, cross_attn_every_n_layers, tokenizer)
+    reference.load_state_dict(checkpoint, strict=False)
+    reference.eval()
+    if initialised_from_row is not None:
+        with torch.no_grad():
+            output = reference.lang_encoder.get_output_embeddings().weight
+            output[initialised_from_row:] = output[:initialised_from_row].mean(0)
+    image_size = reference.vision_encoder.clip.config.image_size
+    vision_x, input_ids, attention_mask = probe_inputs(reference_tokenizer, image_size)
+    settings = [{"num_beams": 1}, {"num_beams": 3}]
+    common = {"max_new_tokens": 8, "eos_token_id": reference.eoc_token_id, "pad_token_id": reference_tokenizer.pad_token_id}
+    with torch.no_grad():
+        expected = reference(vision_x=vision_x, lang_x=input_ids, attention_mask=attention_mask).logits
+        expected_tokens = [
+            reference.generate(vision_x=vision_x, lang_x=input_ids, attention_mask=attention_mask, **common, **setting)
+            for setting in settings
+        ]
+    del reference
+    model = FlaminkoForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": vision_x}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = [model.generate(**inputs, **common, suppress_tokens=[], **setting) for setting in settings]
+    for setting, ours, theirs in zip(settings, tokens, expected_tokens):
+        if not torch.equal(ours, theirs):
+            raise AssertionError(f"Generations differ with {setting}: {ours.tolist()} vs OpenFlamingo {theirs.tolist()}")
+    real = attention_mask.bool()
+    return (logits[real] - expected[real]).abs().max().item()

@@ -1,0 +1,108 @@
+"""Model cards for Flaminko folders, built from the config with huggingface_hub's ModelCard."""
+
+from huggingface_hub import ModelCard, ModelCardData
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+**한국어** — Flaminko 모델입니다: 고정된 CLIP 비전 인코더와 Perceiver resampler, 그리고 언어 모델
+앞에 놓인 gated cross-attention 블록(Flamingo 구조). 텍스트의 `<image>` 자리에 이미지가 들어가고,
+`<|endofchunk|>`가 한 이미지의 글을 닫습니다.
+
+**English** — A Flaminko model: a frozen CLIP vision tower, a Perceiver resampler and gated
+cross-attention blocks in front of a causal language model (the Flamingo architecture). Images go
+where the text holds `<image>`; `<|endofchunk|>` closes the text of an image.
+
+{{ origin }}
+
+## Architecture
+
+| | |
+|---|---|
+| vision tower | {{ vision }} |
+| language model | {{ language }} |
+| cross_attn_every_n_layers | {{ every_n }} |
+| gated cross-attention blocks | {{ num_blocks }} (before decoder layers {{ block_layers }}) |
+| resampler | {{ latents }} latents, depth {{ depth }} |
+| parameters | {{ total }} total, {{ trainable }} trainable |
+
+## Usage
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+batch = processor(text="<image>Output:", images=[image])
+print(processor.batch_decode(model.generate(**batch, max_new_tokens=20, num_beams=3)))
+```
+
+With `pip install flaminko`, `import flaminko` registers the classes and `trust_remote_code` is not needed.
+{% if training %}
+## Training
+
+{{ training }}
+{% endif %}{% if evaluation %}
+## Evaluation
+
+| task | metric | value |
+|---|---|---|
+{% for row in evaluation %}| {{ row.task }} | {{ row.metric }} | {{ row.value }} |
+{% endfor %}{% endif %}
+## Limitations
+
+The model describes what its training data taught it; it can be wrong or biased, and it has not
+been evaluated for safety-critical use. Only the resampler, the cross-attention blocks and the
+embeddings of the new tokens were trained; the backbones are as their authors released them.
+"""
+
+
+def build_model_card(
+    model,
+    *,
+    repo_id: str = "path/to/this/folder",
+    base_models: list[str] | None = None,
+    datasets: list[str] | None = None,
+    origin: str = "",
+    training: str = "",
+    evaluation: list[dict] | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """A card for `model` (a FlaminkoForConditionalGeneration); evaluation rows are dicts with task, metric, value."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and p is not embedding)
+    if embedding.requires_grad:
+        trainable += 2 * embedding.shape[1]
+    layers = config.cross_attn_layer_indices
+    card_data = ModelCardData(
+        language=["ko", "en"],
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_models or None,
+        datasets=datasets or None,
+        tags=["flaminko", "flamingo", "image-text-to-text", "custom_code"],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        title=repo_id.split("/")[-1],
+        origin=origin,
+        vision=f"CLIP ViT, width {config.vision_config.hidden_size}, {config.vision_config.num_hidden_layers} layers",
+        language=f"{config.text_config.model_type}, width {config.text_config.hidden_size}, "
+        f"{config.text_config.num_hidden_layers} layers",
+        every_n=config.cross_attn_every_n_layers if config.cross_attn_layers is None else "explicit",
+        num_blocks=len(layers),
+        block_layers=", ".join(map(str, layers)),
+        latents=config.perceiver_num_latents,
+        depth=config.perceiver_depth,
+        total=f"{sum(p.numel() for p in model.parameters()):,}",
+        trainable=f"{trainable:,}",
+        repo_id=repo_id,
+        training=training,
+        evaluation=evaluation or [],
+    )

@@ -1,0 +1,117 @@
+"""Parity with OpenFlamingo's own code: random reference models around tiny GPT-NeoX and LLaMA,
+saved the way OpenFlamingo's training saves them, converted, compared."""
+
+import sys
+import types
+from argparse import Namespace
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("einops_exts")
+from flaminko.conversion import convert_open_flamingo, load_state_dict  # noqa: E402
+from flaminko.conversion.reference import build_open_flamingo, compare_with_open_flamingo  # noqa: E402
+
+
+def open_flamingo_train_utils():
+    sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # imported at the top, unused when saving
+    from open_flamingo.train import train_utils
+
+    return train_utils
+
+
+class DistributedLike(nn.Module):
+    """Names parameters `module.*`, as DistributedDataParallel does in OpenFlamingo's training."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def trained_reference(backbones, family, every_n, seed):
+    torch.manual_seed(seed)
+    model, tokenizer = build_open_flamingo(backbones["vision"], backbones[family], every_n)
+    with torch.no_grad():
+        for block in model.lang_encoder.gated_cross_attn_layers:
+            if block is not None:
+                block.attn_gate.uniform_(0.3, 0.9)
+                block.ff_gate.uniform_(-0.9, -0.3)
+        embedding = model.lang_encoder.get_input_embeddings().weight
+        for token in ("<|endofchunk|>", "<image>"):
+            embedding[tokenizer.convert_tokens_to_ids(token)] += 0.5 * torch.randn(embedding.shape[1])
+    return model
+
+
+def save_like_open_flamingo_training(model, folder):
+    train_utils = open_flamingo_train_utils()
+    wrapped = DistributedLike(model)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    args = Namespace(fsdp=False, rank=0, run_name=str(folder), delete_previous_checkpoint=False, report_to_wandb=False)
+    train_utils.save_checkpoint(wrapped, optimizer, scheduler, 0, args)
+    return next(folder.glob("checkpoint_*.pt"))
+
+
+@pytest.mark.parametrize("family, every_n", [("gpt_neox", 1), ("gpt_neox", 2), ("llama", 1), ("llama", 2)])
+def test_training_checkpoint_converts_to_the_same_model(backbones, tmp_path, family, every_n):
+    reference = trained_reference(backbones, family, every_n, seed=every_n)
+    checkpoint_path = save_like_open_flamingo_training(reference, tmp_path / "run")
+    raw = torch.load(checkpoint_path, weights_only=True)
+    assert set(raw) >= {"epoch", "model_state_dict", "optimizer_state_dict"}
+    assert all(key.startswith("module.") for key in raw["model_state_dict"])
+
+    # Saved under transformers 5, the output layer is `lm_head` (no "embed" in its name), which
+    # OpenFlamingo's filter drops: the new tokens' output rows are missing, and the converter says so.
+    out = tmp_path / "flaminko"
+    with pytest.raises(ValueError, match="no rows for the new tokens"):
+        convert_open_flamingo(checkpoint_path, backbones["vision"], backbones[family], out, cross_attn_every_n_layers=every_n)
+    summary = convert_open_flamingo(
+        checkpoint_path, backbones["vision"], backbones[family], out, cross_attn_every_n_layers=every_n, init_missing_token_rows=True
+    )
+    assert summary.initialised and summary.tensors_mapped > 0
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    original_vocab = reference.lang_encoder.get_input_embeddings().weight.shape[0] - 3
+    difference = compare_with_open_flamingo(
+        out, load_state_dict(checkpoint_path), backbones["vision"], backbones[family], every_n, initialised_from_row=original_vocab
+    )
+    print("max abs logits difference", difference)
+    assert difference <= 1e-4
+
+
+def test_released_gpt_neox_checkpoint_with_transformers_4_names(backbones, tmp_path):
+    """A flat checkpoint.pt as released (and as OpenFlaminKO's training wrote it under transformers 4),
+    where GPT-NeoX's output layer is `embed_out`: converted with no rows left to invent."""
+    reference = trained_reference(backbones, "gpt_neox", 1, seed=3)
+    state = save_like_open_flamingo_training(reference, tmp_path / "run")
+    flat = {k.removeprefix("module."): v for k, v in torch.load(state, weights_only=True)["model_state_dict"].items()}
+    flat["lang_encoder.embed_out.weight"] = reference.lang_encoder.get_output_embeddings().weight.detach().clone()
+    path = tmp_path / "checkpoint.pt"
+    torch.save(flat, path)
+    out = tmp_path / "flaminko"
+    summary = convert_open_flamingo(path, backbones["vision"], backbones["gpt_neox"], out)
+    assert summary.initialised == []
+    assert compare_with_open_flamingo(out, flat, backbones["vision"], backbones["gpt_neox"], 1) <= 1e-4
+
+
+def test_unplaceable_keys_and_unfilled_weights_are_listed(backbones, tmp_path):
+    reference = trained_reference(backbones, "gpt_neox", 1, seed=4)
+    flat = {k: v for k, v in reference.state_dict().items() if k.startswith(("perceiver.", "lang_encoder.gpt_neox.layers"))}
+    flat = {k: v for k, v in flat.items() if "gated_cross_attn_layer" in k or k.startswith("perceiver.")}
+    flat["lang_encoder.something_new.weight"] = torch.zeros(2)
+    path = tmp_path / "extra.pt"
+    torch.save(flat, path)
+    with pytest.raises(ValueError, match="something_new"):
+        convert_open_flamingo(path, backbones["vision"], backbones["gpt_neox"], tmp_path / "a", init_missing_token_rows=True)
+    del flat["lang_encoder.something_new.weight"]
+    del flat["perceiver.latents"]
+    torch.save(flat, path)
+    with pytest.raises(ValueError, match="unfilled: \\['perceiver.latents'\\]"):
+        convert_open_flamingo(path, backbones["vision"], backbones["gpt_neox"], tmp_path / "b", init_missing_token_rows=True)
+
+
+def test_pickles_that_are_not_plain_tensors_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {"w": torch.zeros(1)}, "hook": Namespace(a=1)}, path)
+    with pytest.raises(ValueError, match="Refusing to load"):
+        load_state_dict(path)
