@@ -87,7 +87,10 @@ class FlaminkoConfig(PreTrainedConfig):
         cross_attn_ff_act: str = "gelu",
         # True: a token sees only the latest image before it; False: every image before it.
         only_attend_immediate_media: bool = True,
-        # Perceiver resampler over the vision tower's patch tokens (width = vision hidden size).
+        # The resampler reads the vision tower's last hidden states before the post-layernorm: the
+        # patch tokens (OpenFlamingo), or with the CLS token too (flamingo-mini).
+        vision_feature_include_cls: bool = False,
+        # Perceiver resampler over those tokens (width = vision hidden size).
         perceiver_depth: int = 6,
         perceiver_heads: int = 8,
         perceiver_dim_head: int = 64,
@@ -125,6 +128,7 @@ class FlaminkoConfig(PreTrainedConfig):
         self.cross_attn_ff_mult = cross_attn_ff_mult
         self.cross_attn_ff_act = cross_attn_ff_act
         self.only_attend_immediate_media = only_attend_immediate_media
+        self.vision_feature_include_cls = vision_feature_include_cls
         self.perceiver_depth = perceiver_depth
         self.perceiver_heads = perceiver_heads
         self.perceiver_dim_head = perceiver_dim_head

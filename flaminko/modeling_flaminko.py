@@ -499,8 +499,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         trainable = any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
-            # Patch tokens without CLS, before the post-layernorm: what OpenFlamingo feeds its resampler.
-            patches = self.vision_model(pixel_values=flat).last_hidden_state[:, 1:]
+            # Before the post-layernorm, as OpenFlamingo and flamingo-mini read them.
+            patches = self.vision_model(pixel_values=flat).last_hidden_state
+            if not self.config.vision_feature_include_cls:
+                patches = patches[:, 1:]
         patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
         return self.perceiver(patches)
 

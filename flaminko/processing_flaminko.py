@@ -67,18 +67,24 @@ class FlaminkoProcessor(ProcessorMixin):
         chat_template=None,
         image_token: str = IMAGE_TOKEN,
         end_of_chunk_token: str = END_OF_CHUNK_TOKEN,
+        image_token_id: int | None = None,
         **kwargs,
     ):
         if image_processor is None or tokenizer is None:
             raise ValueError("FlaminkoProcessor needs both an image_processor and a tokenizer")
-        missing = [t for t in (end_of_chunk_token, image_token) if t not in tokenizer.get_vocab()]
+        # image_token_id given: the image placeholder stays plain text and the images are placed at
+        # this token of its tokenization (flamingo-mini: the "<" of "<image>").
+        added = [end_of_chunk_token] if image_token_id is not None else [end_of_chunk_token, image_token]
+        missing = [t for t in added if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_tokens(missing, special_tokens=True)
         if tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         self.image_token = image_token
         self.end_of_chunk_token = end_of_chunk_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if image_token_id is None:
+            image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.image_token_id = image_token_id
         self.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(end_of_chunk_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
@@ -127,7 +133,13 @@ class FlaminkoProcessor(ProcessorMixin):
         encoding = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         for index, sample_images in enumerate(per_sample):
             kept = int((torch.as_tensor(encoding["input_ids"][index]) == self.image_token_id).sum())
-            if kept != len(sample_images):
+            if kept > len(sample_images):
+                marker = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+                raise ValueError(
+                    f"Text {index} marks {kept} images but has {len(sample_images)}: the image-marking token "
+                    f"{marker!r} also stands outside the {self.image_token} placeholders"
+                )
+            if kept < len(sample_images):
                 raise ValueError(
                     f"Text {index} keeps {kept} of its {len(sample_images)} {self.image_token} tokens after "
                     "truncation: raise max_length or shorten the text, so that no image loses its place"
