@@ -1,6 +1,64 @@
 """The `flaminko` command: one subcommand per job."""
 
 import argparse
+import os
+
+
+def _add_convert(commands):
+    convert = commands.add_parser("convert", help="convert OpenFlamingo / flamingo-mini checkpoints to Flaminko")
+    sources = convert.add_subparsers(dest="source", required=True)
+
+    open_flamingo = sources.add_parser(
+        "open-flamingo", help="OpenFlamingo / OpenFlaminKO / OmniCorpus checkpoint (.pt, .bin, .safetensors)"
+    )
+    open_flamingo.add_argument("--checkpoint", required=True, help="flat state dict or training checkpoint")
+    open_flamingo.add_argument(
+        "--vision", required=True, help="CLIP: Hub id or folder, or an open_clip visual state dict file"
+    )
+    open_flamingo.add_argument("--lm", required=True, help="causal LM: Hub id or folder")
+    open_flamingo.add_argument("--tokenizer", help="tokenizer, if not the LM's")
+    open_flamingo.add_argument("--cross-attn-every-n-layers", type=int, default=1)
+    open_flamingo.add_argument(
+        "--init-missing-token-rows",
+        action="store_true",
+        help="allow new-token embedding rows the checkpoint lacks (e.g. LLaMA lm_head); set them to the mean row",
+    )
+    open_flamingo.add_argument("--verify", action="store_true", help="compare with OpenFlamingo's own code")
+    open_flamingo.add_argument("--out", required=True)
+
+    mini = sources.add_parser("flamingo-mini", help="flamingo-mini folder (config.json + weights)")
+    mini.add_argument("--checkpoint", required=True, help="the flamingo-mini folder")
+    mini.add_argument("--vision", help="CLIP config/image size source (default: its clip_model_type)")
+    mini.add_argument("--lm", help="LM config and tokenizer source (default: its lm)")
+    mini.add_argument("--out", required=True)
+
+
+def _convert(args):
+    import tempfile
+
+    from .conversion.flamingo_mini import convert_flamingo_mini
+    from .conversion.open_clip import save_open_clip_visual_as_hf
+    from .conversion.open_flamingo import convert_open_flamingo
+
+    if args.source == "flamingo-mini":
+        summary = convert_flamingo_mini(args.checkpoint, args.out, vision=args.vision, language_model=args.lm)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            vision = args.vision
+            if os.path.isfile(vision):
+                vision = save_open_clip_visual_as_hf(vision, os.path.join(scratch, "vision"))
+            summary = convert_open_flamingo(
+                args.checkpoint,
+                vision,
+                args.lm,
+                args.out,
+                cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+                tokenizer=args.tokenizer,
+                init_missing_token_rows=args.init_missing_token_rows,
+                verify=args.verify,
+            )
+    print(f"Flaminko folder written to {args.out}")
+    print(summary)
 
 
 def main(argv=None):
@@ -10,12 +68,18 @@ def main(argv=None):
     demo = commands.add_parser("demo", help="build, save, reload and run a tiny Flaminko offline")
     demo.add_argument("--out", default="flaminko-demo", help="folder for the backbones and the model")
     demo.add_argument("--seed", type=int, default=0)
+    _add_convert(commands)
 
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
 
-        run_demo(out=args.out, seed=args.seed)
+            run_demo(out=args.out, seed=args.seed)
+        elif args.command == "convert":
+            _convert(args)
+    except (ValueError, ImportError) as error:
+        parser.exit(2, f"flaminko {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def flamingo_mini_folder(folder, backbones, family, every):
             "ffw.1.weight": (dim * MULT, dim), "ffw.3.weight": (dim, dim * MULT),
         }
         state.update({f"{block}.{name}": 0.3 * torch.randn(shape) for name, shape in block_shapes.items()})
-    state.update({f"flamingo.vision_encoder.{name}": t for name, t in vision.state_dict().items()})
+    # Saved by transformers 4, whose CLIPVisionModel nested its weights under vision_model.
+    state.update({f"flamingo.vision_encoder.vision_model.{name}": t for name, t in vision.state_dict().items()})
     config = {
         "lm": str(backbones[family]), "clip_model_type": str(backbones["vision"]), "dim": dim, "dim_visual": dim_visual,
         "xattn_every": every, "xattn_dim_head": DIM_HEAD, "xattn_heads": HEADS, "xattn_ff_mult": MULT, "xattn_act": "sqrelu",

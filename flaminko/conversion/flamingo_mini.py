@@ -95,7 +95,9 @@ def map_flamingo_mini(state: dict[str, torch.Tensor], *, lm_prefix: str, layers_
         elif key == "flamingo.lm_head.weight":
             mapped["language_model.lm_head.weight"] = tensor
         elif key.startswith("flamingo.vision_encoder."):
-            mapped["vision_model." + key[len("flamingo.vision_encoder.") :]] = tensor
+            # transformers 4 nested CLIPVisionModel's weights under vision_model.; transformers 5 does not.
+            name = key[len("flamingo.vision_encoder.") :].removeprefix("vision_model.")
+            mapped[f"vision_model.{name}"] = tensor
         else:
             unplaced.append(key)
     for index, parts in resampler_kv.items():

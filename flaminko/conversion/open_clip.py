@@ -57,21 +57,22 @@ def open_clip_vision_config(state_dict: dict, hidden_act: str = "quick_gelu", he
 
 
 def open_clip_visual_to_hf(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(CLIPVisionModel state dict, names it could not place). The fused attention input
-    projection is split into q, k and v."""
+    """(CLIPVisionModel state dict with transformers 5 names, names it could not place). The
+    fused attention input projection is split into q, k and v."""
     converted, unplaced = {}, []
     for name, tensor in state_dict.items():
         if name in _TOP_LEVEL:
-            converted[f"vision_model.{_TOP_LEVEL[name]}"] = tensor
+            converted[_TOP_LEVEL[name]] = tensor
             continue
         if name in _UNUSED:
             continue
-        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", name)
+        # nn.MultiheadAttention names its fused input projection in_proj_weight / in_proj_bias.
+        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)", name)
         if match is None:
             unplaced.append(name)
             continue
         index, part, kind = match.groups()
-        prefix = f"vision_model.encoder.layers.{index}"
+        prefix = f"encoder.layers.{index}"
         if part == "attn.in_proj":
             for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
                 converted[f"{prefix}.self_attn.{projection}.{kind}"] = chunk
@@ -80,3 +81,26 @@ def open_clip_visual_to_hf(state_dict: dict) -> tuple[dict[str, torch.Tensor], l
         else:
             unplaced.append(name)
     return converted, unplaced
+
+
+def save_open_clip_visual_as_hf(path, folder, hidden_act: str = "quick_gelu") -> str:
+    """Write an open_clip visual state dict (file) as a Hugging Face CLIP vision folder with an
+    image processor; returns the folder. OpenAI CLIP weights use QuickGELU (the default)."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
+
+    from .checkpoint_io import load_state_dict
+
+    state = strip_visual_prefix(load_state_dict(path))
+    if not is_open_clip_visual(state):
+        raise ValueError(f"{str(path)!r} is not an open_clip visual tower (no conv1 / transformer.resblocks weights)")
+    config = open_clip_vision_config(state, hidden_act=hidden_act)
+    converted, unplaced = open_clip_visual_to_hf(state)
+    model = CLIPVisionModel(config)
+    missing = sorted(set(model.state_dict()) - set(converted))
+    if unplaced or missing:
+        raise ValueError(f"open_clip tower {str(path)!r}: keys with no place {unplaced}, weights unfilled {missing}")
+    model.load_state_dict(converted, strict=False)
+    model.save_pretrained(folder)
+    size = config.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    return str(folder)
