@@ -434,6 +434,27 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         model.apply_freezing()
         return model
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes OpenFlamingo's checkpoint layout (`lang_encoder.*`, `perceiver.layers.i.0.*`),
+        so OpenFlamingo code that loads a checkpoint.pt into the model runs unchanged. Such a state
+        dict is placed key by key; a key with no place or a weight it leaves unfilled is an error."""
+        if any(key.startswith("lang_encoder.") or ".lang_encoder." in key for key in state_dict):
+            try:
+                from flaminko.conversion.checkpoint_io import strip_wrapper_prefixes
+                from flaminko.conversion.open_flamingo import place_checkpoint
+            except ImportError as error:
+                raise ValueError(
+                    "This state dict is in OpenFlamingo's layout; placing it needs the flaminko package "
+                    "(pip install flaminko), or convert it first with `flaminko convert open-flamingo`"
+                ) from error
+            checkpoint = {strip_wrapper_prefixes(key): tensor for key, tensor in state_dict.items()}
+            # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
+            place_checkpoint(
+                self, checkpoint, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
+            )
+            return nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
             # register_for_auto_class records one auto class; the saved code serves these two as well.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 pytest.importorskip("einops_exts")
+from flaminko import FlaminkoForConditionalGeneration  # noqa: E402
 from flaminko.conversion import convert_open_flamingo, load_state_dict  # noqa: E402
 from flaminko.conversion.reference import build_open_flamingo, compare_with_open_flamingo  # noqa: E402
 
@@ -115,3 +116,30 @@ def test_pickles_that_are_not_plain_tensors_are_refused(tmp_path):
     torch.save({"model_state_dict": {"w": torch.zeros(1)}, "hook": Namespace(a=1)}, path)
     with pytest.raises(ValueError, match="Refusing to load"):
         load_state_dict(path)
+
+
+def test_openflaminko_readme_loading_runs_unchanged(backbones, tmp_path):
+    """OpenFlaminKO's README: create_model_and_transforms, then load_state_dict(torch.load(ckpt), strict=False)."""
+    from flaminko import create_model_and_transforms
+
+    reference = trained_reference(backbones, "gpt_neox", 1, seed=6)
+    checkpoint_path = save_like_open_flamingo_training(reference, tmp_path / "run")
+    out = tmp_path / "converted"
+    convert_open_flamingo(checkpoint_path, backbones["vision"], backbones["gpt_neox"], out, init_missing_token_rows=True)
+
+    model, image_processor, tokenizer = create_model_and_transforms(
+        clip_vision_encoder_path=str(backbones["vision"]),
+        clip_vision_encoder_pretrained="openai",
+        lang_encoder_path=str(backbones["gpt_neox"]),
+        tokenizer_path=str(backbones["gpt_neox"]),
+        cross_attn_every_n_layers=1,
+    )
+    model.load_state_dict(torch.load(checkpoint_path)["model_state_dict"], strict=False)
+    model.eval()
+    converted = FlaminkoForConditionalGeneration.from_pretrained(out).eval()
+    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    lang_x = tokenizer(["<image>해당 이미지는 욕실 세면대입니다.<|endofchunk|><image>해당 이미지는"], return_tensors="pt")
+    with torch.no_grad():
+        ours = model(input_ids=lang_x["input_ids"], pixel_values=vision_x).logits
+        theirs = converted(input_ids=lang_x["input_ids"], pixel_values=vision_x).logits
+    assert torch.equal(ours, theirs)
