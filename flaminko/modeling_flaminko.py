@@ -221,23 +221,28 @@ class FlaminkoMedia:
 
 class _RouteMedia:
     """Forward pre-hook of a decoder layer: takes the call's media out of the layer's keyword
-    arguments and, where a gated block stands before this layer, applies it to the hidden states."""
+    arguments and, where a gated block stands before this layer, applies it to the hidden states.
 
-    def __init__(self, layer_idx: int, block: FlaminkoGatedCrossAttentionBlock | None):
+    The block is looked up in the model's ModuleDict at each call, so a wrapper put in its place
+    (e.g. PEFT's modules_to_save) is the one that runs."""
+
+    def __init__(self, layer_idx: int, blocks: nn.ModuleDict):
         self.layer_idx = layer_idx
-        self.block = block
+        self.blocks = blocks
 
     def __call__(self, layer, args, kwargs):
         media = kwargs.pop(MEDIA_KWARG, None) or _MEDIA_OF_THIS_CALL.get()
-        if media is None or self.block is None:
+        name = str(self.layer_idx)
+        if media is None or name not in self.blocks:
             return args, kwargs
+        block = self.blocks[name]
         media.layers_reached += 1
         key, value = media.key_values.get(self.layer_idx, (None, None))
         if args:
-            args = (self.block(args[0], key, value, media.attention_mask, media.has_media), *args[1:])
+            args = (block(args[0], key, value, media.attention_mask, media.has_media), *args[1:])
         else:
             hidden_states = kwargs["hidden_states"]
-            kwargs["hidden_states"] = self.block(hidden_states, key, value, media.attention_mask, media.has_media)
+            kwargs["hidden_states"] = block(hidden_states, key, value, media.attention_mask, media.has_media)
         return args, kwargs
 
 
@@ -363,8 +368,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             {str(i): FlaminkoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
         )
         for i, layer in enumerate(decoder_layers(self.language_model)):
-            block = self.cross_attn_layers[str(i)] if str(i) in self.cross_attn_layers else None
-            layer.register_forward_pre_hook(_RouteMedia(i, block), with_kwargs=True)
+            layer.register_forward_pre_hook(_RouteMedia(i, self.cross_attn_layers), with_kwargs=True)
         self.post_init()
         self.apply_freezing()
         self._set_generation_defaults()
@@ -495,6 +499,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         """The row mask lives on the embedding parameter itself, so a reloaded or resized matrix
         (a new parameter) gets its own the first time it is used."""
         weight = self.get_input_embeddings().weight
+        # A PEFT token wrapper computes its weight anew each call and trains its own rows.
+        if not isinstance(weight, nn.Parameter):
+            return
         if weight.requires_grad and not getattr(weight, "_flaminko_rows_hooked", False):
             weight.register_hook(_KeepNewTokenRows(self.config))
             weight._flaminko_rows_hooked = True
