@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 
 
 def _add_convert(commands):
@@ -69,7 +70,17 @@ def main(argv=None):
     demo.add_argument("--out", default="flaminko-demo", help="folder for the backbones and the model")
     demo.add_argument("--seed", type=int, default=0)
     _add_convert(commands)
+    train = commands.add_parser(
+        "train", add_help=False, help="fine-tune with the Trainer (TrainingArguments + model and data arguments)"
+    )
+    train.add_argument("arguments", nargs="*", help="options (see `flaminko train --help`), or one YAML/JSON file")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # The Trainer's own parser (HfArgumentParser) owns every option of this subcommand.
+        from .training import main as train_main
+
+        return train_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -78,6 +89,7 @@ def main(argv=None):
             run_demo(out=args.out, seed=args.seed)
         elif args.command == "convert":
             _convert(args)
+
     except (ValueError, ImportError) as error:
         parser.exit(2, f"flaminko {args.command}: error: {error}\n")
 

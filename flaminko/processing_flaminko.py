@@ -120,10 +120,15 @@ class FlaminkoProcessor(ProcessorMixin):
                 )
         return per_sample
 
-    def __call__(self, images=None, text=None, return_tensors="pt", padding=True, **kwargs) -> BatchFeature:
+    def __call__(
+        self, images=None, text=None, return_tensors="pt", padding=True, drop_truncated_images=False, **kwargs
+    ) -> BatchFeature:
         """text: a string or a list of strings with `<image>` placeholders; images: for one text, an
         image or a list of images; for a batch, a list of image lists (one per text, any length,
-        including none). Images may be PIL images, arrays, tensors or file paths."""
+        including none). Images may be PIL images, arrays, tensors or file paths.
+
+        If truncation cuts `<image>` tokens off, that is an error, or with drop_truncated_images
+        (for training) the images that lost their place are left out."""
         if text is None:
             raise ValueError("FlaminkoProcessor needs text (with an <image> placeholder per image)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -139,7 +144,9 @@ class FlaminkoProcessor(ProcessorMixin):
                     f"Text {index} marks {kept} images but has {len(sample_images)}: the image-marking token "
                     f"{marker!r} also stands outside the {self.image_token} placeholders"
                 )
-            if kept < len(sample_images):
+            if kept < len(sample_images) and drop_truncated_images:
+                per_sample[index] = sample_images[:kept]
+            elif kept < len(sample_images):
                 raise ValueError(
                     f"Text {index} keeps {kept} of its {len(sample_images)} {self.image_token} tokens after "
                     "truncation: raise max_length or shorten the text, so that no image loses its place"

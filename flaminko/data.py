@@ -1,0 +1,275 @@
+"""Training data for Flaminko: caption tables, webdataset shards and interleaved documents.
+
+Every source yields samples {"text": ..., "images": [...], **extra columns}: the text carries an
+`<image>` placeholder per image and `<|endofchunk|>` after the text of each image, as OpenFlamingo
+builds them; FlaminkoCollator turns a list of samples into model inputs with labels. Bad rows
+(empty caption, unreadable image, filtered caption) are skipped and counted, never raised mid-epoch.
+"""
+
+import csv
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from .processing_flaminko import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, load_image
+
+HANGUL = re.compile("[\uac00-\ud7a3]")
+# OpenFlaminKO's filter: captions of this many characters or more are dropped.
+MAX_CAPTION_CHARS = 1000
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+
+
+def pair_text(caption: str) -> str:
+    """OpenFlamingo's image-caption text (the collator appends the EOS token)."""
+    return f"{IMAGE_TOKEN}{caption.strip()}{END_OF_CHUNK_TOKEN}"
+
+
+def caption_problem(caption, *, hangul_only: bool = False) -> str | None:
+    """Why a caption is skipped, or None to keep it."""
+    if not isinstance(caption, str) or not caption.strip():
+        return "empty caption"
+    if len(caption) >= MAX_CAPTION_CHARS:
+        return f"caption of {MAX_CAPTION_CHARS}+ characters"
+    if hangul_only and not HANGUL.search(caption):
+        return "caption without Hangul"
+    return None
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image file is skipped (checked without decoding all of it), or None."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except FileNotFoundError:
+        return "missing image file"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "unreadable image"
+    return None
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a .tsv, .csv or .jsonl file."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            return [json.loads(line) for line in lines if line.strip()]
+    if path.suffix not in (".tsv", ".csv"):
+        raise ValueError(f"Caption tables are .tsv, .csv or .jsonl files; got {str(path)!r}")
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
+class CaptionTable(Dataset):
+    """Image-caption pairs from a TSV/CSV/JSONL table with `caption` and `image` columns.
+
+    Image paths are relative to the table's folder; other columns (e.g. `item_url`) are kept in
+    the samples. `skipped` counts the rows left out, by reason.
+    """
+
+    def __init__(self, path, *, caption_column="caption", image_column="image", hangul_only=False):
+        path = Path(path)
+        rows = read_table(path)
+        if rows and (caption_column not in rows[0] or image_column not in rows[0]):
+            raise ValueError(
+                f"{str(path)!r} needs {caption_column!r} and {image_column!r} columns; it has {sorted(rows[0])}"
+            )
+        self.skipped = Counter()
+        self.samples = []
+        for row in tqdm(rows, desc=f"checking {path.name}", unit="row", disable=len(rows) < 1000):
+            image_path = path.parent / str(row.get(image_column) or "")
+            problem = caption_problem(row.get(caption_column), hangul_only=hangul_only) or image_problem(image_path)
+            if problem:
+                self.skipped[problem] += 1
+                continue
+            extra = {k: v for k, v in row.items() if k not in (caption_column, image_column)}
+            self.samples.append({**extra, "text": pair_text(row[caption_column]), "images": [str(image_path)]})
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+class CaptionShards(IterableDataset):
+    """Image-caption pairs streamed from webdataset tar shards (LAION / KO-LAION layout: a
+    jpg/png/webp and a txt or json caption per key), split across nodes and workers."""
+
+    def __init__(self, urls, *, hangul_only=False):
+        try:
+            import webdataset
+        except ImportError as error:
+            raise ImportError("Tar shards need webdataset: pip install 'flaminko[train]'") from error
+        self.urls = urls
+        self.hangul_only = hangul_only
+        self.skipped = Counter()
+        self._webdataset = webdataset
+
+    def __iter__(self):
+        wds = self._webdataset
+        shards = wds.WebDataset(
+            self.urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False
+        )
+        for record in shards:
+            sample = self._sample(record)
+            if sample is not None:
+                yield sample
+
+    def _sample(self, record):
+        caption = record.get("txt")
+        if caption is None and "json" in record:
+            caption = json.loads(record["json"]).get("caption")
+        caption = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else caption
+        problem = caption_problem(caption, hangul_only=self.hangul_only)
+        image_bytes = next((record[s] for s in IMAGE_SUFFIXES if s in record), None)
+        if problem is None and image_bytes is None:
+            problem = "missing image file"
+        if problem is None:
+            try:
+                image = load_image(Image.open(io.BytesIO(image_bytes)))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                problem = "unreadable image"
+        if problem:
+            self.skipped[problem] += 1
+            return None
+        return {"text": pair_text(caption), "images": [image], "key": record.get("__key__")}
+
+
+class InterleavedDocuments(Dataset):
+    """Documents of text and images in order, from JSONL in MMC4 form (`text_list` + `image_info`
+    with `matched_text_index`) or OBELICS form (`texts` and `images`, aligned lists with nulls).
+
+    As OpenFlamingo builds them: each sentence with an image is prefixed `<|endofchunk|><image>`
+    (the first `<|endofchunk|>` dropped) and the document ends with `<|endofchunk|>`; at most
+    max_images images.
+    """
+
+    def __init__(self, path, *, max_images=6):
+        path = Path(path)
+        self.skipped = Counter()
+        self.samples = []
+        with path.open(encoding="utf-8") as lines:
+            documents = [json.loads(line) for line in lines if line.strip()]
+        for document in documents:
+            sample = self._build(document, path.parent, max_images)
+            if sample is not None:
+                self.samples.append(sample)
+
+    def _build(self, document, root, max_images):
+        if "text_list" in document:
+            items = self._mmc4_items(document)
+        elif "texts" in document and "images" in document:
+            items = [("image", image) if image else ("text", text) for text, image in zip(document["texts"], document["images"])]
+        else:
+            self.skipped["unknown document layout"] += 1
+            return None
+        sentences, images, prefix = [], [], ""
+        for kind, value in items:
+            if kind == "text":
+                if value and value.strip():
+                    sentences.append(prefix + value.strip())
+                    prefix = ""
+                continue
+            if len(images) == max_images:
+                continue
+            image_path = root / value
+            problem = image_problem(image_path)
+            if problem:
+                self.skipped[problem] += 1
+                continue
+            images.append(str(image_path))
+            prefix += f"{END_OF_CHUNK_TOKEN}{IMAGE_TOKEN}"
+        if prefix:
+            sentences.append(prefix)
+        if not images:
+            self.skipped["document without readable images"] += 1
+            return None
+        text = " ".join(sentences).replace(END_OF_CHUNK_TOKEN, "", 1)
+        for spaced, tight in ((f" {END_OF_CHUNK_TOKEN}", END_OF_CHUNK_TOKEN), (f"{IMAGE_TOKEN} ", IMAGE_TOKEN), (f" {IMAGE_TOKEN}", IMAGE_TOKEN)):
+            text = text.replace(spaced, tight)
+        return {"text": text + END_OF_CHUNK_TOKEN, "images": images}
+
+    @staticmethod
+    def _mmc4_items(document):
+        by_sentence = {}
+        for info in document.get("image_info", []):
+            by_sentence.setdefault(info["matched_text_index"], []).append(info["image_name"])
+        items = []
+        for index, sentence in enumerate(document["text_list"]):
+            items += [("image", name) for name in by_sentence.get(index, [])]
+            items.append(("text", sentence))
+        return items
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+def mask_interleaved_labels(labels: torch.Tensor, input_ids: torch.Tensor, media_token_id: int, eoc_token_id: int):
+    """OpenFlamingo's interleaved loss mask, in place: no loss before a document's first <image>,
+    nor after an <|endofchunk|> up to the next <image> (the <|endofchunk|> itself keeps its loss)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    none = torch.full_like(positions, -1)
+    last_media = torch.where(input_ids == media_token_id, positions, none).cummax(1).values
+    last_eoc = torch.where(input_ids == eoc_token_id, positions, none).cummax(1).values
+    previous_eoc = torch.cat([none[:, :1], last_eoc[:, :-1]], dim=1)
+    labels[(last_media < 0) | (previous_eoc > last_media)] = -100
+
+
+class FlaminkoCollator:
+    """Pads a list of samples into model inputs, right-padded, with labels: -100 on padding and on
+    <image> tokens, and for interleaved documents OpenFlamingo's between-chunk mask too.
+
+    The Trainer must pass the raw samples: use remove_unused_columns=False (the samples' `text`
+    and `images` are not arguments of the model's forward).
+    """
+
+    def __init__(self, processor, *, max_length: int = 32, interleaved: bool = False):
+        self.processor = processor
+        self.max_length = max_length
+        self.interleaved = interleaved
+        self.skipped = Counter()
+
+    def __call__(self, samples):
+        if samples and "text" not in samples[0]:
+            raise ValueError(
+                "The collator got samples without 'text': the Trainer removed the columns; "
+                "set remove_unused_columns=False"
+            )
+        eos = self.processor.tokenizer.eos_token or ""
+        texts, images = [], []
+        for sample in samples:
+            try:
+                loaded = [load_image(image) for image in sample["images"]]
+            except ValueError:
+                self.skipped["unreadable image"] += 1
+                continue
+            texts.append(sample["text"] + eos)
+            images.append(loaded)
+        if not texts:
+            raise ValueError(f"Every sample of this batch had an unreadable image ({len(samples)} samples)")
+        batch = self.processor(
+            text=texts,
+            images=images,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            padding_side="right",
+            drop_truncated_images=True,
+        )
+        input_ids = batch["input_ids"]
+        labels = input_ids.clone()
+        if self.interleaved:
+            mask_interleaved_labels(labels, input_ids, self.processor.image_token_id, self.processor.end_of_chunk_token_id)
+        labels[batch["attention_mask"] == 0] = -100
+        labels[input_ids == self.processor.image_token_id] = -100
+        batch["labels"] = labels
+        return batch

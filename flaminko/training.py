@@ -1,0 +1,187 @@
+"""`flaminko train`: fine-tuning with the Hugging Face Trainer, optional LoRA through peft.
+
+Arguments are TrainingArguments plus ModelArguments and DataArguments below, from the command line
+or a YAML/JSON file. Multi-GPU and multi-node runs go through torchrun or `accelerate launch`
+(configs in examples/); the Trainer does the rest.
+"""
+
+import glob
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
+
+from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
+from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers
+
+DATA_FORMATS = ("captions", "webdataset", "interleaved")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "a Flaminko folder or Hub id to start from"})
+    vision_model: str | None = field(default=None, metadata={"help": "CLIP backbone, when starting from backbones"})
+    language_model: str | None = field(default=None, metadata={"help": "causal-LM backbone, when starting from backbones"})
+    cross_attn_every_n_layers: int = field(default=1, metadata={"help": "for a model built from backbones"})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA (peft) on the LM; resampler and blocks train fully"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_cross_attention: bool = field(
+        default=False, metadata={"help": "LoRA on the cross-attention projections too, instead of training the blocks fully"}
+    )
+    merge: bool = field(default=False, metadata={"help": "with LoRA: save the merged model instead of the adapter"})
+
+
+@dataclass
+class DataArguments:
+    train_data: str = field(metadata={"help": "a caption table (.tsv/.csv/.jsonl), tar shards, or interleaved .jsonl"})
+    data_format: str = field(default="captions", metadata={"help": "captions | webdataset | interleaved"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out data in the same format"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of the training data instead"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per sample (default 32, interleaved 256)"})
+    max_images: int = field(default=6, metadata={"help": "images per interleaved document"})
+    hangul_only: bool = field(default=False, metadata={"help": "drop captions without Hangul (OpenFlaminKO)"})
+
+
+class FlaminkoTrainer(Trainer):
+    """Weight decay only on the gated cross-attention projections, as OpenFlamingo applies it:
+    frozen rows of a trainable embedding must not decay."""
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [
+            name
+            for name, _ in model.named_parameters()
+            if "cross_attn_layers" in name and not any(part in name for part in ("gate", "norm", "bias"))
+        ]
+
+
+def lora_target_modules(model: FlaminkoForConditionalGeneration, *, cross_attention: bool) -> str:
+    """A full-name regex over the linear layers of the LM's decoder layers (and of the
+    cross-attention when asked)."""
+    layers = decoder_layers(model.language_model)
+    layers_path = next(name for name, module in model.language_model.named_modules() if module is layers)
+    linear_names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in layers[0].named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    }
+    pattern = rf"language_model\.{layers_path.replace('.', '[.]')}\.\d+\.(?:.*\.)?(?:{'|'.join(sorted(linear_names))})"
+    if cross_attention:
+        pattern = rf"(?:{pattern}|cross_attn_layers\.\d+\.attn\.(?:to_q|to_kv|to_out))"
+    return pattern
+
+
+def wrap_with_lora(model, args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = ["perceiver"]
+    if not args.lora_cross_attention:
+        modules_to_save += [f"cross_attn_layers.{i}" for i in model.cross_attn_layers]
+    new_tokens = [i for i in (model.config.media_token_id, model.config.eoc_token_id) if i is not None]
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_target_modules(model, cross_attention=args.lora_cross_attention),
+        modules_to_save=modules_to_save,
+        trainable_token_indices=new_tokens if model.config.train_new_token_embeddings else None,
+    )
+    return get_peft_model(model, config)
+
+
+def load_model(args: ModelArguments, output_dir: str):
+    """(model, processor, base folder). A model built from backbones is saved first, so that a
+    LoRA adapter has a base folder to name."""
+    if args.model_name_or_path:
+        model = FlaminkoForConditionalGeneration.from_pretrained(args.model_name_or_path)
+        processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+        return model, processor, args.model_name_or_path
+    if not (args.vision_model and args.language_model):
+        raise ValueError("Give --model_name_or_path, or both --vision_model and --language_model")
+    model, processor = FlaminkoForConditionalGeneration.from_backbones(
+        args.vision_model, args.language_model, cross_attn_every_n_layers=args.cross_attn_every_n_layers
+    )
+    base = Path(output_dir) / "base-model"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    return model, processor, str(base)
+
+
+def load_datasets(args: DataArguments, seed: int):
+    if args.data_format not in DATA_FORMATS:
+        raise ValueError(f"--data_format must be one of {DATA_FORMATS}, got {args.data_format!r}")
+
+    def read(path):
+        if args.data_format == "captions":
+            return CaptionTable(path, hangul_only=args.hangul_only)
+        if args.data_format == "interleaved":
+            return InterleavedDocuments(path, max_images=args.max_images)
+        # A glob of local shards, or webdataset's brace notation (shard-{000..009}.tar) as it is.
+        return CaptionShards(sorted(glob.glob(path)) or path, hangul_only=args.hangul_only)
+
+    train = read(args.train_data)
+    evaluation = read(args.eval_data) if args.eval_data else None
+    for name, dataset in (("train", train), ("eval", evaluation)):
+        if getattr(dataset, "skipped", None):
+            print(f"{name} data: skipped {dict(dataset.skipped)}")
+    if evaluation is None and args.eval_fraction > 0:
+        if isinstance(train, CaptionShards):
+            raise ValueError("Streamed shards cannot be split: give --eval_data")
+        held_out = max(1, int(len(train) * args.eval_fraction))
+        generator = torch.Generator().manual_seed(seed)
+        train, evaluation = torch.utils.data.random_split(train, [len(train) - held_out, held_out], generator=generator)
+    return train, evaluation
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """Run a fine-tuning; returns (trainer, folder of the final model or adapter)."""
+    # The collator builds the model inputs from the samples' text and images, which are not
+    # arguments of forward: the Trainer must hand the samples over untouched.
+    training_args.remove_unused_columns = False
+    model, processor, base = load_model(model_args, training_args.output_dir)
+    if model_args.use_lora:
+        model = wrap_with_lora(model, model_args)
+        model.peft_config["default"].base_model_name_or_path = base
+    train_data, eval_data = load_datasets(data_args, training_args.seed)
+    interleaved = data_args.data_format == "interleaved"
+    collator = FlaminkoCollator(
+        processor, max_length=data_args.max_length or (256 if interleaved else 32), interleaved=interleaved
+    )
+    trainer = FlaminkoTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=collator,
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if eval_data is not None:
+        trainer.evaluate()
+    final = Path(training_args.output_dir) / "final"
+    if trainer.is_world_process_zero():
+        if model_args.use_lora and model_args.merge:
+            trainer.model.merge_and_unload().save_pretrained(final)
+        else:
+            trainer.model.save_pretrained(final)
+        processor.save_pretrained(final)
+    return trainer, final
+
+
+def parse_arguments(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def main(argv=None):
+    trainer, final = train(*parse_arguments(argv))
+    if trainer.is_world_process_zero():
+        print(f"saved to {final}")
