@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
 from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers
@@ -92,9 +92,9 @@ def wrap_with_lora(model, args: ModelArguments):
     return get_peft_model(model, config)
 
 
-def load_model(args: ModelArguments, output_dir: str):
-    """(model, processor, base folder). A model built from backbones is saved first, so that a
-    LoRA adapter has a base folder to name."""
+def load_model(args: ModelArguments, training_args: TrainingArguments):
+    """(model, processor, base folder). A model built from backbones is saved first (by the main
+    process), so that a LoRA adapter has a base folder to name."""
     if args.model_name_or_path:
         model = FlaminkoForConditionalGeneration.from_pretrained(args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
@@ -104,9 +104,11 @@ def load_model(args: ModelArguments, output_dir: str):
     model, processor = FlaminkoForConditionalGeneration.from_backbones(
         args.vision_model, args.language_model, cross_attn_every_n_layers=args.cross_attn_every_n_layers
     )
-    base = Path(output_dir) / "base-model"
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
+    base = Path(training_args.output_dir) / "base-model"
+    with training_args.main_process_first(desc="saving the base model"):
+        if training_args.process_index == 0:
+            model.save_pretrained(base)
+            processor.save_pretrained(base)
     return model, processor, str(base)
 
 
@@ -141,7 +143,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     # The collator builds the model inputs from the samples' text and images, which are not
     # arguments of forward: the Trainer must hand the samples over untouched.
     training_args.remove_unused_columns = False
-    model, processor, base = load_model(model_args, training_args.output_dir)
+    # Seeded before the fresh resampler and cross-attention are initialised, so a run repeats.
+    set_seed(training_args.seed)
+    model, processor, base = load_model(model_args, training_args)
     if model_args.use_lora:
         model = wrap_with_lora(model, model_args)
         model.peft_config["default"].base_model_name_or_path = base
