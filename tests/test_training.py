@@ -129,3 +129,13 @@ def test_example_config_parses(tmp_path):
     assert model_args.language_model == "EleutherAI/polyglot-ko-1.3b"
     assert data_args.data_format == "webdataset" and data_args.hangul_only
     assert training_args.learning_rate == 1e-4 and training_args.max_steps == 50000
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing(backbones, caption_table, tmp_path):
+    trainer, final = run(
+        backbones, caption_table, tmp_path / "bf16", steps=4, bf16=True, gradient_checkpointing=True, eval_on_start=False,
+        logging_steps=2,
+    )
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(loss == loss for loss in losses)  # finite, not NaN
+    assert (final / "model.safetensors").exists()
