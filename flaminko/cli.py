@@ -5,6 +5,9 @@ import os
 import sys
 
 
+DEMO_STEPS = 1500
+
+
 def _add_convert(commands):
     convert = commands.add_parser("convert", help="convert OpenFlamingo / flamingo-mini checkpoints to Flaminko")
     sources = convert.add_subparsers(dest="source", required=True)
@@ -66,10 +69,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="flaminko", description="Flaminko: a Hugging Face-native Flamingo.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="build, save, reload and run a tiny Flaminko offline")
-    demo.add_argument("--out", default="flaminko-demo", help="folder for the backbones and the model")
+    demo = commands.add_parser("demo", help="train a small Korean captioner offline and caption unseen combinations")
+    demo.add_argument("--out", default="flaminko-demo", help="folder for the data, backbones, model and contact sheet")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
     _add_convert(commands)
+    release = commands.add_parser("release", help="check a model or adapter folder, fill in what a Hub release needs, upload")
+    release.add_argument("folder")
+    release.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    release.add_argument("--push", action="store_true", help="upload (otherwise only list what would be uploaded)")
+    release.add_argument("--private", action="store_true")
     train = commands.add_parser(
         "train", add_help=False, help="fine-tune with the Trainer (TrainingArguments + model and data arguments)"
     )
@@ -86,9 +95,13 @@ def main(argv=None):
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(out=args.out, seed=args.seed)
+            run_demo(out=args.out, steps=args.steps, seed=args.seed)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "release":
+            from .release import release
+
+            release(args.folder, args.repo_id, push=args.push, private=args.private)
 
     except (ValueError, ImportError) as error:
         parser.exit(2, f"flaminko {args.command}: error: {error}\n")

@@ -60,9 +60,34 @@ embeddings of the new tokens were trained; the backbones are as their authors re
 """
 
 
+def trainable_parameter_names(config, names) -> list[str]:
+    """The parameters the config trains (embedding rows aside): resampler and gated blocks, and the
+    backbones where they are not frozen."""
+    prefixes = ["perceiver.", "cross_attn_layers."]
+    if not config.freeze_vision_model:
+        prefixes.append("vision_model.")
+    if not config.freeze_language_model:
+        prefixes.append("language_model.")
+    return [name for name in names if name.startswith(tuple(prefixes))]
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(total, trained) parameters of a model; the embedding matrix counts only its new-token rows
+    when the LM is frozen."""
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    shapes = {name: p.numel() for name, p in model.named_parameters()}
+    trained = sum(shapes[name] for name in trainable_parameter_names(config, shapes))
+    if config.freeze_language_model and config.train_new_token_embeddings:
+        trained += 2 * config.text_config.hidden_size
+    return total, trained
+
+
 def build_model_card(
-    model,
+    config,
     *,
+    total_parameters: int,
+    trained_parameters: int,
     repo_id: str = "path/to/this/folder",
     base_models: list[str] | None = None,
     datasets: list[str] | None = None,
@@ -71,12 +96,7 @@ def build_model_card(
     evaluation: list[dict] | None = None,
     license: str = "apache-2.0",
 ) -> ModelCard:
-    """A card for `model` (a FlaminkoForConditionalGeneration); evaluation rows are dicts with task, metric, value."""
-    config = model.config
-    embedding = model.get_input_embeddings().weight
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and p is not embedding)
-    if embedding.requires_grad:
-        trainable += 2 * embedding.shape[1]
+    """A card for a Flaminko model with this config; evaluation rows are dicts with task, metric, value."""
     layers = config.cross_attn_layer_indices
     card_data = ModelCardData(
         language=["ko", "en"],
@@ -100,8 +120,8 @@ def build_model_card(
         block_layers=", ".join(map(str, layers)),
         latents=config.perceiver_num_latents,
         depth=config.perceiver_depth,
-        total=f"{sum(p.numel() for p in model.parameters()):,}",
-        trainable=f"{trainable:,}",
+        total=f"{total_parameters:,}",
+        trainable=f"{trained_parameters:,}",
         repo_id=repo_id,
         training=training,
         evaluation=evaluation or [],

@@ -54,10 +54,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokeni
     )
 
 
-def tiny_vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
+def tiny_vision_config(**overrides) -> CLIPVisionConfig:
+    settings = dict(
         hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
@@ -65,29 +64,36 @@ def tiny_vision_config() -> CLIPVisionConfig:
         projection_dim=16,
         hidden_act="quick_gelu",
     )
+    settings.update(overrides)
+    settings.setdefault("intermediate_size", 2 * settings["hidden_size"])
+    return CLIPVisionConfig(**settings)
 
 
 def tiny_text_config(family: str, vocab_size: int, **overrides):
     if family not in _TEXT_CONFIGS:
         raise ValueError(f"No tiny config for LM family {family!r}; known: {', '.join(TEXT_FAMILIES)}")
-    return AutoConfig.for_model(
-        family, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **{**_TEXT_CONFIGS[family], **overrides}
-    )
+    settings = {**_TEXT_CONFIGS[family], **overrides}
+    if "intermediate_size" in _TEXT_CONFIGS[family] and "hidden_size" in overrides:
+        settings["intermediate_size"] = overrides.get("intermediate_size", 2 * overrides["hidden_size"])
+    return AutoConfig.for_model(family, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **settings)
 
 
-def save_tiny_vision(folder: str | Path) -> Path:
+def save_tiny_vision(folder: str | Path, **overrides) -> Path:
     """A tiny CLIP vision tower and its image processor, saved like a Hub CLIP folder."""
     folder = Path(folder)
-    CLIPVisionModel(tiny_vision_config()).save_pretrained(folder)
-    size = {"shortest_edge": IMAGE_SIZE}
-    CLIPImageProcessorPil(size=size, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    config = tiny_vision_config(**overrides)
+    CLIPVisionModel(config).save_pretrained(folder)
+    size = config.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
     return folder
 
 
-def save_tiny_language_model(folder: str | Path, family: str = "gpt_neox", texts: list[str] | None = None, **overrides) -> Path:
+def save_tiny_language_model(
+    folder: str | Path, family: str = "gpt_neox", texts: list[str] | None = None, vocab_size: int = 400, **overrides
+) -> Path:
     """A tiny causal LM of the family with a tokenizer trained on texts (default: the shipped text)."""
     folder = Path(folder)
-    tokenizer = train_tokenizer(texts or shipped_text())
+    tokenizer = train_tokenizer(texts or shipped_text(), vocab_size=vocab_size)
     config = tiny_text_config(family, vocab_size=len(tokenizer), **overrides)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -6,6 +6,7 @@ or a YAML/JSON file. Multi-GPU and multi-node runs go through torchrun or `accel
 """
 
 import glob
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,10 @@ class ModelArguments:
     vision_model: str | None = field(default=None, metadata={"help": "CLIP backbone, when starting from backbones"})
     language_model: str | None = field(default=None, metadata={"help": "causal-LM backbone, when starting from backbones"})
     cross_attn_every_n_layers: int = field(default=1, metadata={"help": "for a model built from backbones"})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": 'FlaminkoConfig settings as JSON for a model built from backbones, e.g. {"freeze_language_model": false}'},
+    )
     use_lora: bool = field(default=False, metadata={"help": "LoRA (peft) on the LM; resampler and blocks train fully"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -101,8 +106,9 @@ def load_model(args: ModelArguments, training_args: TrainingArguments):
         return model, processor, args.model_name_or_path
     if not (args.vision_model and args.language_model):
         raise ValueError("Give --model_name_or_path, or both --vision_model and --language_model")
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
     model, processor = FlaminkoForConditionalGeneration.from_backbones(
-        args.vision_model, args.language_model, cross_attn_every_n_layers=args.cross_attn_every_n_layers
+        args.vision_model, args.language_model, cross_attn_every_n_layers=args.cross_attn_every_n_layers, **overrides
     )
     base = Path(training_args.output_dir) / "base-model"
     with training_args.main_process_first(desc="saving the base model"):
@@ -147,8 +153,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     set_seed(training_args.seed)
     model, processor, base = load_model(model_args, training_args)
     if model_args.use_lora:
+        # PEFT records the base model's name_or_path in adapter_config.json.
+        model.name_or_path = base
         model = wrap_with_lora(model, model_args)
-        model.peft_config["default"].base_model_name_or_path = base
     train_data, eval_data = load_datasets(data_args, training_args.seed)
     interleaved = data_args.data_format == "interleaved"
     collator = FlaminkoCollator(
@@ -167,12 +174,36 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         trainer.evaluate()
     final = Path(training_args.output_dir) / "final"
     if trainer.is_world_process_zero():
-        if model_args.use_lora and model_args.merge:
-            trainer.model.merge_and_unload().save_pretrained(final)
-        else:
-            trainer.model.save_pretrained(final)
+        saved = trainer.model.merge_and_unload() if model_args.use_lora and model_args.merge else trainer.model
+        saved.save_pretrained(final)
         processor.save_pretrained(final)
+        write_card(final, saved, base, model_args, data_args, trainer)
     return trainer, final
+
+
+def write_card(folder: Path, model, base: str, model_args, data_args, trainer):
+    """The model card of a finished run (an adapter card for a LoRA adapter)."""
+    from .hub_card import build_model_card, parameter_counts
+    from .release import adapter_card
+
+    if (folder / "adapter_config.json").is_file():
+        adapter_card(folder, folder.name).save(folder / "README.md")
+        return
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    evaluation = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    details = (
+        f"Fine-tuned with `flaminko train` from `{base}` on `{data_args.train_data}` ({data_args.data_format}) "
+        f"for {trainer.state.global_step} steps"
+        + (f"; last training loss {losses[-1]:.4f}" if losses else "")
+        + (" with LoRA (merged)" if model_args.use_lora else "")
+        + "."
+    )
+    rows = [{"task": "held-out captions", "metric": "loss", "value": f"{evaluation[-1]:.4f}"}] if evaluation else []
+    total, trained = parameter_counts(model)
+    card = build_model_card(
+        model.config, total_parameters=total, trained_parameters=trained, base_models=[base], training=details, evaluation=rows
+    )
+    card.save(folder / "README.md")
 
 
 def parse_arguments(argv=None):

@@ -1,6 +1,7 @@
 """Fine-tuning through the Trainer: it learns, trains only what it should, LoRA round-trips, resumes."""
 
 import csv
+import json
 import random
 
 import pytest
@@ -82,6 +83,7 @@ def test_lora_adapter_reloads_and_merges_to_the_same_logits(backbones, caption_t
     with torch.no_grad():
         expected = trained(**batch).logits
     assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "lora" / "base-model")
     base = FlaminkoForConditionalGeneration.from_pretrained(tmp_path / "lora" / "base-model")
     reloaded = PeftModel.from_pretrained(base, final).eval()
     with torch.no_grad():

@@ -70,12 +70,17 @@ class ConversionSummary:
 
 def write_converted_folder(model, processor, out, *, base_models: list[str], origin: str, summary: ConversionSummary):
     """Safetensors weights, config, processor, remote code and a model card; fills in the summary."""
-    from ..hub_card import build_model_card
+    from ..hub_card import build_model_card, parameter_counts
 
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    total, trained = parameter_counts(model)
     card = build_model_card(
-        model, base_models=base_models, origin=f"Converted from a {origin} checkpoint with `flaminko convert`."
+        model.config,
+        total_parameters=total,
+        trained_parameters=trained,
+        base_models=base_models,
+        origin=f"Converted from a {origin} checkpoint with `flaminko convert`.",
     )
     card.save(Path(out) / "README.md")
     summary.parameters = sum(p.numel() for p in model.parameters())
