@@ -263,16 +263,21 @@ class _KeepNewTokenRows:
         return grad * mask
 
 
-def decoder_layers(language_model: PreTrainedModel) -> nn.ModuleList:
-    """The ModuleList of decoder layers of any HF causal LM (layers, h, blocks, decoder.layers...)."""
+def decoder_layers_path(language_model: PreTrainedModel) -> str:
+    """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
+    model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
     num_layers = language_model.config.num_hidden_layers
-    for module in language_model.modules():
+    for name, module in language_model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
+            return name
     raise ValueError(
         f"Could not find the {num_layers} decoder layers of {type(language_model).__name__}: "
         "Flaminko needs a ModuleList of num_hidden_layers decoder layers"
     )
+
+
+def decoder_layers(language_model: PreTrainedModel) -> nn.ModuleList:
+    return language_model.get_submodule(decoder_layers_path(language_model))
 
 
 def media_positions(input_ids: torch.LongTensor, media_token_id: int, past_count=None) -> torch.LongTensor:

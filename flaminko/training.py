@@ -15,7 +15,7 @@ import torch
 from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
-from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers
+from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
 
 DATA_FORMATS = ("captions", "webdataset", "interleaved")
 
@@ -66,8 +66,8 @@ class FlaminkoTrainer(Trainer):
 def lora_target_modules(model: FlaminkoForConditionalGeneration, *, cross_attention: bool) -> str:
     """A full-name regex over the linear layers of the LM's decoder layers (and of the
     cross-attention when asked)."""
-    layers = decoder_layers(model.language_model)
-    layers_path = next(name for name, module in model.language_model.named_modules() if module is layers)
+    layers_path = decoder_layers_path(model.language_model)
+    layers = model.language_model.get_submodule(layers_path)
     linear_names = {
         name.rsplit(".", 1)[-1]
         for name, module in layers[0].named_modules()

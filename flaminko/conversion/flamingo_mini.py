@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from ..configuration_flaminko import FlaminkoConfig
-from ..modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers
+from ..modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
 from ..processing_flaminko import FlaminkoProcessor
 from .checkpoint_io import ConversionSummary, load_state_dict, write_converted_folder
 
@@ -149,11 +149,9 @@ def convert_flamingo_mini(folder, out, *, vision=None, language_model=None) -> C
         eoc_token_id=processor.end_of_chunk_token_id,
     )
     model = FlaminkoForConditionalGeneration(config)
-    layers = decoder_layers(model.language_model)
-    layers_path = next(name for name, module in model.language_model.base_model.named_modules() if module is layers)
-    mapped, unplaced = map_flamingo_mini(
-        state, lm_prefix=f"{model.language_model.base_model_prefix}.", layers_path=layers_path
-    )
+    lm_prefix = f"{model.language_model.base_model_prefix}."
+    layers_path = decoder_layers_path(model.language_model).removeprefix(lm_prefix)
+    mapped, unplaced = map_flamingo_mini(state, lm_prefix=lm_prefix, layers_path=layers_path)
     if not any(name.startswith("vision_model.") for name in mapped):
         pretrained = CLIPVisionModel.from_pretrained(vision).state_dict()
         mapped.update({f"vision_model.{name}": tensor for name, tensor in pretrained.items()})

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from ..modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers
+from ..modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
 from .checkpoint_io import ConversionSummary, load_state_dict, write_converted_folder
 from .open_clip import open_clip_visual_to_hf
 
@@ -61,11 +61,6 @@ def flaminko_name(key: str, layers_path: str, lm_type: str) -> str | None:
     return None
 
 
-def _layers_path(model: FlaminkoForConditionalGeneration) -> str:
-    layers = decoder_layers(model.language_model)
-    return next(name for name, module in model.language_model.named_modules() if module is layers)
-
-
 def _parameter_name(model, parameter) -> str:
     return next(name for name, p in model.named_parameters() if p is parameter)
 
@@ -84,7 +79,7 @@ def place_checkpoint(
     the new tokens that the checkpoint never had (OpenFlamingo saves no LLaMA lm_head), which
     are then set to the mean of the original rows.
     """
-    layers_path = _layers_path(model)
+    layers_path = decoder_layers_path(model.language_model)
     lm_type = model.config.text_config.model_type
     vision_keys = {k[len("vision_encoder.") :]: v for k, v in checkpoint.items() if k.startswith("vision_encoder.")}
     mapped, unplaced = {}, []

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
-from ..modeling_flaminko import decoder_layers
+from ..modeling_flaminko import decoder_layers_path
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
 
@@ -56,8 +56,7 @@ def build_open_flamingo(vision, language_model, cross_attn_every_n_layers: int, 
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})
     lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
-    layers = decoder_layers(lang_encoder)
-    layers_path = next(name for name, module in lang_encoder.named_modules() if module is layers)
+    layers_path = decoder_layers_path(lang_encoder)
     utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
     lang_encoder.set_decoder_layers_attr_name(layers_path)
     lang_encoder.resize_token_embeddings(len(tokenizer))
