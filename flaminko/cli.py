@@ -5,7 +5,7 @@ import os
 import sys
 
 
-DEMO_STEPS = 1500
+DEMO_STEPS = 2500
 
 
 def _add_convert(commands):

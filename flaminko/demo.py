@@ -37,12 +37,12 @@ IMAGE_SIZE = 32
 DEMO_CONFIG = {
     "freeze_vision_model": False,
     "freeze_language_model": False,
-    "perceiver_depth": 2,
-    "perceiver_num_latents": 8,
+    "perceiver_depth": 1,
+    "perceiver_num_latents": 16,
     "perceiver_heads": 4,
     "perceiver_dim_head": 16,
     "cross_attn_heads": 4,
-    "cross_attn_dim_head": 16,
+    "cross_attn_dim_head": 32,
 }
 
 
@@ -66,18 +66,23 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE) ->
 
 
 def write_dataset(folder: Path, seed: int, train_per_combination: int = 100, test_per_combination: int = 5):
-    """captions.tsv (seen combinations) and held_out.tsv (unseen ones), with their PNGs."""
+    """train.tsv (the seen combinations) and two test tables of new images: test_seen.tsv (seen
+    combinations) and test_unseen.tsv (the held-out combinations), with their PNGs."""
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    splits = {"captions.tsv": [], "held_out.tsv": []}
+    splits = {"train.tsv": [], "test_seen.tsv": [], "test_unseen.tsv": []}
     for colour in COLOURS:
         for shape in SHAPES:
-            split = "held_out.tsv" if (colour, shape) in HELD_OUT else "captions.tsv"
-            count = test_per_combination if split == "held_out.tsv" else train_per_combination
-            for index in range(count):
-                name = f"images/{colour}-{shape}-{index}.png"
-                draw(colour, shape, rng).save(folder / name)
-                splits[split].append({"image": name, "caption": f"{colour} {shape}"})
+            unseen = (colour, shape) in HELD_OUT
+            plan = [("test_unseen.tsv", test_per_combination)] if unseen else [
+                ("train.tsv", train_per_combination),
+                ("test_seen.tsv", test_per_combination),
+            ]
+            for split, count in plan:
+                for index in range(count):
+                    name = f"images/{split.split('.')[0]}-{colour}-{shape}-{index}.png"
+                    draw(colour, shape, rng).save(folder / name)
+                    splits[split].append({"image": name, "caption": f"{colour} {shape}"})
     for split, rows in splits.items():
         rng.shuffle(rows)
         with open(folder / split, "w", newline="", encoding="utf-8") as handle:
@@ -127,20 +132,20 @@ def contact_sheet(images, captions, truths, path: Path, columns: int = 5):
     sheet.save(path)
 
 
-def run_demo(out: str = "flaminko-demo", steps: int = 1500, seed: int = 0) -> dict:
+def run_demo(out: str = "flaminko-demo", steps: int = 2500, seed: int = 0) -> dict:
     """Train, save, reload, caption the held-out combinations; returns the results."""
     started = time.perf_counter()
     out = Path(out)
     print(f"1/5 synthetic data: {len(COLOURS)} colours x {len(SHAPES)} shapes, {len(HELD_OUT)} combinations held out")
     splits = write_dataset(out / "data", seed)
     print("2/5 tokenizer trained on the captions; small CLIP vision tower and GPT-NeoX LM from configs")
-    vision, language = save_backbones(out / "backbones", [row["caption"] for row in splits["captions.tsv"]])
+    vision, language = save_backbones(out / "backbones", [row["caption"] for row in splits["train.tsv"]])
     print(f"3/5 fine-tuning with the Trainer for {steps} steps")
     args = TrainingArguments(
         output_dir=str(out / "run"),
         max_steps=steps,
         per_device_train_batch_size=32,
-        learning_rate=3e-3,
+        learning_rate=2e-3,
         lr_scheduler_type="cosine",
         warmup_steps=steps // 20,
         weight_decay=0.0,
@@ -156,22 +161,33 @@ def run_demo(out: str = "flaminko-demo", steps: int = 1500, seed: int = 0) -> di
     model_args = ModelArguments(
         vision_model=str(vision), language_model=str(language), config_overrides=json.dumps(DEMO_CONFIG)
     )
-    trainer, final = train(model_args, DataArguments(train_data=str(out / "data" / "captions.tsv")), args)
+    trainer, final = train(model_args, DataArguments(train_data=str(out / "data" / "train.tsv")), args)
     print(f"4/5 saved to {final}; reloading through AutoModelForImageTextToText and AutoProcessor")
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
     processor = AutoProcessor.from_pretrained(final)
-    held_out = splits["held_out.tsv"]
-    images = [Image.open(out / "data" / row["image"]).convert("RGB") for row in held_out]
-    truths = [row["caption"] for row in held_out]
-    captions = caption_images(model, processor, images)
-    accuracy = sum(c == t for c, t in zip(captions, truths)) / len(truths)
+    accuracies, sheets = {}, []
+    for split in ("test_seen.tsv", "test_unseen.tsv"):
+        rows = splits[split]
+        images = [Image.open(out / "data" / row["image"]).convert("RGB") for row in rows]
+        truths = [row["caption"] for row in rows]
+        captions = caption_images(model, processor, images)
+        accuracies[split] = sum(c == t for c, t in zip(captions, truths)) / len(truths)
+        sheets.append((images[:15], captions[:15], truths[:15]))
     sheet = out / "contact_sheet.png"
-    contact_sheet(images, captions, truths, sheet)
+    contact_sheet(*(sum(parts, []) for parts in zip(*sheets)), sheet)
     seconds = time.perf_counter() - started
-    print(f"5/5 held-out combinations captioned: exact match {accuracy:.1%} ({len(truths)} images)")
-    for caption, truth in list(zip(captions, truths))[:5]:
-        print(f"    {truth:>8} -> {caption}")
+    print(
+        f"5/5 held-out images, exact match: {accuracies['test_seen.tsv']:.1%} for combinations seen in training "
+        f"({len(splits['test_seen.tsv'])} new images), {accuracies['test_unseen.tsv']:.1%} for the combinations "
+        f"never seen ({len(splits['test_unseen.tsv'])} images)"
+    )
     print(f"contact sheet: {sheet}; total time {seconds:.0f} s")
-    results = {"accuracy": accuracy, "images": len(truths), "seconds": seconds, "steps": steps, "seed": seed}
+    results = {
+        "accuracy_seen_combinations": accuracies["test_seen.tsv"],
+        "accuracy_unseen_combinations": accuracies["test_unseen.tsv"],
+        "seconds": seconds,
+        "steps": steps,
+        "seed": seed,
+    }
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
     return results
