@@ -74,6 +74,15 @@ def main(argv=None):
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
     _add_convert(commands)
+    caption = commands.add_parser("caption", help="caption images with a Flaminko folder or Hub id")
+    caption.add_argument("--model", required=True)
+    caption.add_argument("images", nargs="+")
+    caption.add_argument("--prompt", default="<image>", help="text around the image, with one <image>")
+    caption.add_argument("--max-new-tokens", type=int, default=20)
+    caption.add_argument("--num-beams", type=int, default=3)
+    chat = commands.add_parser("chat", help="interactive image-text conversation, answers streamed")
+    chat.add_argument("--model", required=True)
+    chat.add_argument("--max-new-tokens", type=int, default=64)
     release = commands.add_parser("release", help="check a model or adapter folder, fill in what a Hub release needs, upload")
     release.add_argument("folder")
     release.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
@@ -98,6 +107,16 @@ def main(argv=None):
             run_demo(out=args.out, steps=args.steps, seed=args.seed)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "caption":
+            from .inference import caption
+
+            captions = caption(args.model, args.images, args.prompt, args.max_new_tokens, args.num_beams)
+            for path, text in zip(args.images, captions):
+                print(f"{path}\t{text}")
+        elif args.command == "chat":
+            from .inference import chat
+
+            chat(args.model, max_new_tokens=args.max_new_tokens)
         elif args.command == "release":
             from .release import release
 

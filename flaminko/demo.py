@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments, set_seed
 
 from . import tiny
 from .training import DataArguments, ModelArguments, train
@@ -135,6 +135,7 @@ def contact_sheet(images, captions, truths, path: Path, columns: int = 5):
 def run_demo(out: str = "flaminko-demo", steps: int = 2500, seed: int = 0) -> dict:
     """Train, save, reload, caption the held-out combinations; returns the results."""
     started = time.perf_counter()
+    set_seed(seed)  # the backbones are initialised before the Trainer seeds anything
     out = Path(out)
     print(f"1/5 synthetic data: {len(COLOURS)} colours x {len(SHAPES)} shapes, {len(HELD_OUT)} combinations held out")
     splits = write_dataset(out / "data", seed)

@@ -1,0 +1,89 @@
+"""The main job: `flaminko demo` on a reduced budget learns; caption, chat and pipeline work on its folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from transformers import pipeline
+
+from flaminko.cli import main
+from flaminko.demo import run_demo
+
+STEPS = 400  # the full demo trains 2500 steps
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out=str(out), steps=STEPS, seed=0)
+
+
+def test_demo_learns_to_caption_new_images(demo):
+    out, results = demo
+    # Stated bar for the reduced budget: well above the 1-in-15 chance of a seen combination.
+    assert results["accuracy_seen_combinations"] >= 0.6, results
+    assert json.loads((out / "results.json").read_text())["steps"] == STEPS
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.size[0] == 750 and sheet.size[1] >= 150
+    assert (out / "run" / "final" / "model.safetensors").exists()
+
+
+def seen_image(out):
+    row = (out / "data" / "test_seen.tsv").read_text(encoding="utf-8").splitlines()[1]
+    path, caption = row.split("\t")
+    return str(out / "data" / path), caption
+
+
+def test_caption_command(demo, capsys):
+    out, _ = demo
+    path, _ = seen_image(out)
+    main(["caption", "--model", str(out / "run" / "final"), path, "--num-beams", "1"])
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    name, caption = printed.split("\t")
+    assert name == path and caption.split(" ")[0] in ("빨간색", "파란색", "초록색", "노란색", "보라색")
+
+
+def test_chat_command_streams_answers(demo):
+    out, _ = demo
+    path, _ = seen_image(out)
+    script = f"/image {path}\n무엇이 보이나요?\n/image /no/such/file.png\n/quit\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "flaminko.cli", "chat", "--model", str(out / "run" / "final")],
+        input=script, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(image 1 attached)" in result.stdout and "Assistant: " in result.stdout
+    assert "error: Cannot read image file '/no/such/file.png'" in result.stdout
+
+
+def test_pipeline_with_the_package(demo):
+    out, _ = demo
+    path, _ = seen_image(out)
+    pipe = pipeline("image-text-to-text", model=str(out / "run" / "final"))
+    result = pipe(images=Image.open(path), text="<image>", max_new_tokens=6, return_full_text=False)
+    assert isinstance(result[0]["generated_text"], str) and result[0]["generated_text"]
+    chat = pipe(text=[{"role": "user", "content": [{"type": "image", "image": Image.open(path)}]}], max_new_tokens=6)
+    assert chat[0]["generated_text"][-1]["role"] == "assistant"
+
+
+PIPELINE_SCRIPT = """
+import sys
+sys.modules["flaminko"] = None
+from PIL import Image
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model=sys.argv[1], trust_remote_code=True)
+print(repr(pipe(images=Image.open(sys.argv[2]), text="<image>", max_new_tokens=6, return_full_text=False)[0]["generated_text"]))
+"""
+
+
+def test_pipeline_through_remote_code_without_the_package(demo, tmp_path):
+    out, _ = demo
+    path, _ = seen_image(out)
+    (tmp_path / "run.py").write_text(PIPELINE_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out / "run" / "final"), path],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith("'")
