@@ -111,3 +111,15 @@ def test_image_token_is_never_generated(model_and_processor):
     batch = processor(text=PROMPTS[0], images=[noise_image(1), noise_image(2)])
     out = model.generate(**batch, max_new_tokens=5, do_sample=False, sequence_bias={(media,): 100.0})
     assert media not in out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+def test_few_shot_prompt_from_the_readme(model_and_processor):
+    model, processor = model_and_processor
+    demos = [(noise_image(1), "빨간색 원"), (noise_image(2), "파란색 네모")]
+    query = noise_image(3)
+    prompt = "".join(f"<image>Output:{caption}<|endofchunk|>" for _, caption in demos) + "<image>Output:"
+    batch = processor(text=prompt, images=[image for image, _ in demos] + [query])
+    out = model.generate(**batch, max_new_tokens=20, num_beams=3)
+    answer = processor.batch_decode(out[:, batch["input_ids"].shape[1] :])[0]
+    assert batch["pixel_values"].shape[1] == 3 and isinstance(answer, str)
+    assert model.config.media_token_id not in out[0, batch["input_ids"].shape[1] :].tolist()
