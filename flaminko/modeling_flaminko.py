@@ -622,6 +622,14 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 )
             media_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: there is no text to run")
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        if context is not None and past_length + input_ids.shape[1] > context:
+            raise ValueError(
+                f"{past_length + input_ids.shape[1]} tokens exceed the language model's context of {context}: "
+                "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
+            )
         media, media_key_values = self._build_media(
             input_ids, image_features, media_key_values, past_image_token_count, past_length
         )

@@ -5,7 +5,9 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 """
 
 import os
+import warnings
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
@@ -34,17 +36,37 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def load_image(image) -> Image.Image:
-    """An RGB, upright PIL image from a PIL image or a file path; a clear error for anything unreadable."""
+    """An RGB, upright PIL image from a PIL image or a file path; a clear error for anything
+    unreadable or too large to decode safely (PIL's decompression-bomb limit)."""
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(image) as opened:
+                    opened.load()
+                    image = opened.copy()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"Refusing image file {os.fspath(image)!r}: {error}") from error
+        except (OSError, UnidentifiedImageError, SyntaxError) as error:
             raise ValueError(f"Cannot read image file {os.fspath(image)!r}: {error}") from error
     if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return _to_rgb(ImageOps.exif_transpose(image))
     return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+        # 16-bit and float images would be clipped to white by a plain convert: rescale to 8 bits.
+        pixels = np.asarray(image, dtype=np.float32)
+        low, high = pixels.min(), pixels.max()
+        pixels = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
+        return Image.fromarray(pixels.round().astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent areas go on white, not on whatever colour their hidden pixels hold.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _is_image(value) -> bool:
@@ -134,6 +156,9 @@ class FlaminkoProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
+        empty = [index for index, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise ValueError(f"Texts {empty} are empty: each text needs at least its <image> placeholders or a word")
         per_sample = self._images_per_sample(texts, images)
         encoding = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         for index, sample_images in enumerate(per_sample):

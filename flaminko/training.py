@@ -7,12 +7,15 @@ or a YAML/JSON file. Multi-GPU and multi-node runs go through torchrun or `accel
 
 import glob
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
 from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
@@ -51,9 +54,20 @@ class DataArguments:
     hangul_only: bool = field(default=False, metadata={"help": "drop captions without Hangul (OpenFlaminKO)"})
 
 
+# Checkpoints are written here first and renamed into place whole.
+STAGING = "checkpoint-staging"
+
+
 class FlaminkoTrainer(Trainer):
-    """Weight decay only on the gated cross-attention projections, as OpenFlamingo applies it:
-    frozen rows of a trainable embedding must not decay."""
+    """The Trainer with three changes:
+    - weight decay only on the gated cross-attention projections, as OpenFlamingo applies it
+      (frozen rows of a trainable embedding must not decay);
+    - a non-finite loss stops training before the optimizer step, so no checkpoint holds its result;
+    - checkpoints appear only whole: written to a staging folder, then renamed to checkpoint-N, so a
+      crash while saving never leaves a half-written one as the latest.
+    """
+
+    _staging_checkpoint = False
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [
@@ -61,6 +75,46 @@ class FlaminkoTrainer(Trainer):
             for name, _ in model.named_parameters()
             if "cross_attn_layers" in name and not any(part in name for part in ("gate", "norm", "bias"))
         ]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise FloatingPointError(
+                f"The loss is {loss.item()} at step {self.state.global_step + 1}: training stopped before the "
+                f"optimizer step. The last checkpoint, {last or 'none yet'}, is from before it; lower the "
+                "learning rate or check the data, then resume from it."
+            )
+        return loss
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_checkpoint = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            best = self.state.best_model_checkpoint
+            if best and os.path.dirname(best) == os.path.join(run_dir, STAGING):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
 
 def lora_target_modules(model: FlaminkoForConditionalGeneration, *, cross_attention: bool) -> str:
