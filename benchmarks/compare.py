@@ -1,0 +1,289 @@
+"""Flaminko against OpenFlamingo's own code, on identical weights, side by side.
+
+    python benchmarks/compare.py --shape small --out benchmarks/results/small.json
+    python benchmarks/compare.py --shape openflaminko --layers 4 --out benchmarks/results/openflaminko.json
+
+Builds random backbones of the shape (nothing is downloaded), builds OpenFlamingo around them with
+its gates open, converts its checkpoint to Flaminko, and then times, alternating between the two and
+taking medians: generate (batch 1 and 8, 1 and 4 images per prompt, 32 new tokens, greedy and beam
+3), the decode rate inside it, a training step (forward + backward, frozen backbones) and peak
+memory. Checks that both give the same greedy tokens. Prints a markdown table and writes JSON.
+Needs the oracle: pip install --no-deps open-flamingo==2.0.1 einops einops-exts.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoTokenizer, CLIPVisionConfig, LogitsProcessor, LogitsProcessorList
+
+from flaminko import FlaminkoForConditionalGeneration, tiny
+from flaminko.conversion import convert_open_flamingo
+from flaminko.conversion.reference import build_open_flamingo
+
+SHAPES = {
+    # ViT-B/16-like vision + 12-layer 768-wide GPT-NeoX.
+    "small": {
+        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16, image_size=224),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, rotary_pct=0.25),
+    },
+    # CLIP ViT-L/14 + Polyglot-Ko-1.3B widths.
+    "openflaminko": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=224),
+        "text": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16, rotary_pct=0.5),
+    },
+}
+NEW_TOKENS = 32
+
+
+def build(shape: str, layers: int | None, folder: Path, seed: int = 0):
+    """(OpenFlamingo model, its tokenizer, Flaminko model) with the same weights."""
+    torch.manual_seed(seed)
+    spec = SHAPES[shape]
+    vision_overrides, text_overrides = dict(spec["vision"]), dict(spec["text"])
+    if layers:
+        vision_overrides["num_hidden_layers"] = text_overrides["num_hidden_layers"] = layers
+    vision = tiny.save_tiny_vision(folder / "vision", **vision_overrides)
+    language = tiny.save_tiny_language_model(folder / "lm", "gpt_neox", vocab_size=2000, **text_overrides)
+    reference, tokenizer = build_open_flamingo(vision, language, 1)
+    with torch.no_grad():
+        for block in reference.lang_encoder.gated_cross_attn_layers:
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
+    # The whole state dict (the LM's output layer included), so no weight differs between the two.
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("vision_encoder.")}
+    torch.save(state, folder / "checkpoint.pt")
+    convert_open_flamingo(folder / "checkpoint.pt", vision, language, folder / "flaminko")
+    ours = FlaminkoForConditionalGeneration.from_pretrained(folder / "flaminko").eval()
+    return reference.eval(), tokenizer, ours
+
+
+def inputs(tokenizer, batch: int, images: int, image_size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    text = "".join("<image>사진 설명입니다<|endofchunk|>" for _ in range(images - 1)) + "<image>사진:"
+    encoded = tokenizer([text] * batch, return_tensors="pt", padding=True)
+    # One left pad per prompt: under transformers 5, generate drops an all-ones attention mask, and
+    # OpenFlamingo's forward then fails for want of one.
+    pad = torch.full((batch, 1), tokenizer.pad_token_id)
+    input_ids = torch.cat([pad, encoded["input_ids"]], dim=1)
+    attention_mask = torch.cat([torch.zeros_like(pad), encoded["attention_mask"]], dim=1)
+    vision_x = torch.randn(batch, images, 1, 3, image_size, image_size, generator=generator)
+    return input_ids, attention_mask, vision_x
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every millisecond."""
+
+    def __enter__(self):
+        self.process, self.stop = psutil.Process(), False
+        self.start = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.increase = self.peak - self.start
+
+
+class StepClock(LogitsProcessor):
+    """Records when each decoding step's logits are ready: steps 2..n time the decoding alone."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+    def decode_tokens_per_second(self, sequences: int) -> float:
+        return sequences * (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def run_generate(name, model, input_ids, attention_mask, vision_x, new_tokens, beams, clock=None):
+    common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, do_sample=False, eos_token_id=None)
+    if clock is not None:
+        common["logits_processor"] = LogitsProcessorList([clock])
+    with torch.no_grad():
+        if name == "openflamingo":
+            return model.generate(vision_x=vision_x, lang_x=input_ids, attention_mask=attention_mask, pad_token_id=0, **common)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=vision_x, suppress_tokens=[], **common)
+
+
+def benchmark(models, tokenizer, image_size, repeats):
+    rows = []
+    for batch in (1, 8):
+        for images in (1, 4):
+            for beams in (1, 3):
+                input_ids, attention_mask, vision_x = inputs(tokenizer, batch, images, image_size)
+                row = {"batch": batch, "images": images, "beams": beams}
+                times = {name: [] for name in models}
+                rates = {name: [] for name in models}
+                for _ in range(repeats):
+                    for name, model in models.items():  # alternating: one implementation, then the other
+                        clock = StepClock()
+                        start = time.perf_counter()
+                        tokens = run_generate(name, model, input_ids, attention_mask, vision_x, NEW_TOKENS, beams, clock)
+                        times[name].append(time.perf_counter() - start)
+                        rates[name].append(clock.decode_tokens_per_second(batch))
+                        row[f"{name}_tokens"] = tokens[:, -NEW_TOKENS:].tolist()
+                for name in models:
+                    row[f"{name}_generate_s"] = statistics.median(times[name])
+                    row[f"{name}_decode_tokens_per_s"] = statistics.median(rates[name])
+                row["same_tokens"] = row.pop("openflamingo_tokens") == row.pop("flaminko_tokens")
+                row["generate_speedup"] = row["openflamingo_generate_s"] / row["flaminko_generate_s"]
+                row["decode_speedup"] = row["flaminko_decode_tokens_per_s"] / row["openflamingo_decode_tokens_per_s"]
+                rows.append(row)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
+def train_step(name, model, input_ids, attention_mask, vision_x, labels):
+    model.zero_grad(set_to_none=True)
+    if name == "openflamingo":
+        loss = model(vision_x=vision_x, lang_x=input_ids, attention_mask=attention_mask, labels=labels).loss
+    else:
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=vision_x, labels=labels).loss
+    loss.backward()
+
+
+def training_inputs(tokenizer, image_size):
+    input_ids, attention_mask, vision_x = inputs(tokenizer, 4, 2, image_size)
+    return input_ids, attention_mask, vision_x, input_ids.masked_fill(attention_mask == 0, -100)
+
+
+def training_time(models, tokenizer, image_size, repeats):
+    batch = training_inputs(tokenizer, image_size)
+    times = {name: [] for name in models}
+    for name, model in models.items():
+        model.train()
+        train_step(name, model, *batch)  # warm-up
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            train_step(name, model, *batch)
+            times[name].append(time.perf_counter() - start)
+    for model in models.values():
+        model.eval()
+    result = {f"{name}_train_step_s": statistics.median(values) for name, values in times.items()}
+    result["train_step_ratio"] = result["flaminko_train_step_s"] / result["openflamingo_train_step_s"]
+    return result
+
+
+def load(name, folder: Path):
+    if name == "openflamingo":
+        model, tokenizer = build_open_flamingo(folder / "vision", folder / "lm", 1)
+        model.load_state_dict(torch.load(folder / "checkpoint.pt", weights_only=True), strict=False)
+        return model.eval(), tokenizer
+    model = FlaminkoForConditionalGeneration.from_pretrained(folder / "flaminko").eval()
+    return model, AutoTokenizer.from_pretrained(folder / "flaminko")
+
+
+def measure_memory(name: str, task: str, folder: Path) -> int:
+    """Peak resident memory above the loaded model while one call of the task runs, in a fresh
+    process so that neither implementation inherits the other's freed-but-kept memory."""
+    model, tokenizer = load(name, folder)
+    image_size = CLIPVisionConfig.from_pretrained(folder / "vision").image_size
+    if task == "train":
+        batch = training_inputs(tokenizer, image_size)
+        model.train()
+        with PeakMemory() as memory:
+            train_step(name, model, *batch)
+    else:
+        input_ids, attention_mask, vision_x = inputs(tokenizer, 8, 4, image_size)
+        with PeakMemory() as memory:
+            run_generate(name, model, input_ids, attention_mask, vision_x, NEW_TOKENS, 3)
+    return memory.increase
+
+
+def memory_in_fresh_processes(folder: Path):
+    result = {}
+    for task in ("generate", "train"):
+        for name in ("openflamingo", "flaminko"):
+            command = [sys.executable, __file__, "--child", name, task, str(folder)]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            result[f"{name}_{task}_peak_bytes"] = int(output.strip().splitlines()[-1])
+        result[f"{task}_memory_ratio"] = result[f"flaminko_{task}_peak_bytes"] / max(1, result[f"openflamingo_{task}_peak_bytes"])
+    return result
+
+
+def markdown(results):
+    lines = [
+        f"Shape `{results['shape']}` ({results['layers']} layers each), CPU ({results['threads']} threads), median of {results['repeats']}.",
+        "",
+        "| batch | images | beams | generate OpenFlamingo (s) | generate Flaminko (s) | speed-up | decode tok/s OF | decode tok/s Flaminko | decode speed-up | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["generation"]:
+        lines.append(
+            f"| {row['batch']} | {row['images']} | {row['beams']} | {row['openflamingo_generate_s']:.2f} | "
+            f"{row['flaminko_generate_s']:.2f} | {row['generate_speedup']:.2f}x | {row['openflamingo_decode_tokens_per_s']:.1f} | "
+            f"{row['flaminko_decode_tokens_per_s']:.1f} | {row['decode_speedup']:.2f}x | {row['same_tokens']} |"
+        )
+    train = results["training"]
+    memory = results["memory"]
+    lines += [
+        "",
+        f"Training step (batch 4, 2 images, forward + backward): OpenFlamingo {train['openflamingo_train_step_s']:.2f} s, "
+        f"Flaminko {train['flaminko_train_step_s']:.2f} s (ratio {train['train_step_ratio']:.2f}).",
+        f"Peak memory above the loaded model, each in a fresh process: training step OpenFlamingo "
+        f"{memory['openflamingo_train_peak_bytes'] / 2**20:.0f} MiB, Flaminko {memory['flaminko_train_peak_bytes'] / 2**20:.0f} MiB "
+        f"(ratio {memory['train_memory_ratio']:.2f}); generate (batch 8, 4 images, beam 3) OpenFlamingo "
+        f"{memory['openflamingo_generate_peak_bytes'] / 2**20:.0f} MiB, Flaminko {memory['flaminko_generate_peak_bytes'] / 2**20:.0f} MiB "
+        f"(ratio {memory['generate_memory_ratio']:.2f}).",
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--layers", type=int, help="fewer layers (vision and LM) than the shape has, for CPUs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="JSON results file")
+    parser.add_argument("--child", nargs=3, metavar=("IMPLEMENTATION", "TASK", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(measure_memory(args.child[0], args.child[1], Path(args.child[2])))
+        return
+    scratch = Path(tempfile.mkdtemp())
+    try:
+        reference, tokenizer, ours = build(args.shape, args.layers, scratch)
+        models = {"openflamingo": reference, "flaminko": ours}
+        image_size = ours.config.vision_config.image_size
+        results = {
+            "shape": args.shape,
+            "layers": ours.config.text_config.num_hidden_layers,
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "generation": benchmark(models, tokenizer, image_size, args.repeats),
+            "training": training_time(models, tokenizer, image_size, args.repeats),
+        }
+        del models, reference, ours
+        results["memory"] = memory_in_fresh_processes(scratch)
+    finally:
+        shutil.rmtree(scratch)
+    table = markdown(results)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**results, "markdown": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
