@@ -126,6 +126,9 @@ def run_generate(name, model, input_ids, attention_mask, vision_x, new_tokens, b
 
 
 def benchmark(models, tokenizer, image_size, repeats):
+    input_ids, attention_mask, vision_x = inputs(tokenizer, 1, 1, image_size)
+    for name, model in models.items():  # warm-up: first calls pay for lazy initialisation
+        run_generate(name, model, input_ids, attention_mask, vision_x, 4, 1)
     rows = []
     for batch in (1, 8):
         for images in (1, 4):

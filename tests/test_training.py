@@ -133,10 +133,11 @@ def test_example_config_parses(tmp_path):
     assert training_args.learning_rate == 1e-4 and training_args.max_steps == 50000
 
 
-def test_bf16_mixed_precision_and_gradient_checkpointing(backbones, caption_table, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_gradient_checkpointing(backbones, caption_table, tmp_path, precision):
     trainer, final = run(
-        backbones, caption_table, tmp_path / "bf16", steps=4, bf16=True, gradient_checkpointing=True, eval_on_start=False,
-        logging_steps=2,
+        backbones, caption_table, tmp_path / precision, steps=4, gradient_checkpointing=True, eval_on_start=False,
+        logging_steps=2, **{precision: True},
     )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(loss == loss for loss in losses)  # finite, not NaN
