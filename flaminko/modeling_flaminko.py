@@ -178,12 +178,22 @@ class FlaminkoCrossAttention(nn.Module):
         return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
 
     def forward(self, hidden_states, key, value, attention_mask, has_media) -> torch.Tensor:
-        """hidden_states (B, T, D); attention_mask (B, 1, T, T_img * L); has_media (B, T, 1)"""
+        """hidden_states (B, T, D); key, value (B / s, H, T_img * L, d); attention_mask (B, 1, T, T_img * L);
+        has_media (B, T, 1). s > 1 when the s sequences of a prompt (beams, returned sequences) share its
+        media: their queries then attend together, as s * T positions of one row."""
+        batch, length, _ = hidden_states.shape
+        shared = batch // key.shape[0]
         query = _split_heads(self.to_q(self.norm(hidden_states)), self.num_heads)
+        mask = attention_mask.to(query.dtype)
+        if shared > 1:
+            query = query.view(-1, shared, *query.shape[1:]).transpose(1, 2).flatten(2, 3)
+            mask = mask.view(-1, shared, *mask.shape[1:]).transpose(1, 2).flatten(2, 3)
         attention = _attention_function(self.config)
-        output, _ = attention(self, query, key, value, attention_mask.to(query.dtype), scaling=self.scaling)
+        output, _ = attention(self, query, key, value, mask, scaling=self.scaling)
+        # (B / s, s * T, H, d) -> (B, T, H * d)
+        output = output.reshape(batch, length, -1)
         # Tokens before the first image get no visual signal (their rows are zeroed, as in OpenFlamingo).
-        return self.to_out(output.flatten(2) * has_media.to(output.dtype))
+        return self.to_out(output * has_media.to(output.dtype))
 
 
 class FlaminkoGatedCrossAttentionBlock(nn.Module):
@@ -543,7 +553,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         """The media keys and values of every gated block, in layer order."""
         return tuple(block.attn.project_media(image_features) for block in self.cross_attn_layers.values())
 
-    def _build_media(self, input_ids, image_features, media_key_values, past_image_token_count, past_length):
+    def _build_media(
+        self, input_ids, image_features, media_key_values, past_image_token_count, past_length, media_expansion
+    ):
         media_id = self.config.media_token_id
         if image_features is None:
             if media_id is not None and past_length == 0 and bool((input_ids == media_id).any()):
@@ -553,9 +565,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             return FlaminkoMedia({}), None
         if media_id is None:
             raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
-        if image_features.ndim != 4 or image_features.shape[0] != input_ids.shape[0]:
+        if image_features.ndim != 4 or image_features.shape[0] * media_expansion != input_ids.shape[0]:
             raise ValueError(
-                f"image_features must be (batch={input_ids.shape[0]}, images, latents, dim); "
+                f"image_features must be (batch={input_ids.shape[0] // media_expansion}, images, latents, dim); "
                 f"got {tuple(image_features.shape)}"
             )
         if past_length > 0 and past_image_token_count is None:
@@ -598,6 +610,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         image_features: torch.FloatTensor | None = None,
         media_key_values: tuple | None = None,
         past_image_token_count: torch.LongTensor | None = None,
+        media_expansion: int = 1,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -607,6 +620,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         image_features: resampled latents from a previous call or `get_image_features` (instead of pixel_values).
         media_key_values: the media keys/values of a previous call's output (with image_features).
         past_image_token_count: (B,) <image> tokens in the cached prefix, when past_key_values is given by hand.
+        media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
+            sequences share their prompt's images, which are encoded and projected once).
         """
         if input_ids is None:
             raise ValueError("Flaminko needs input_ids: the <image> tokens in them place the images")
@@ -616,9 +631,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError("Pass pixel_values or image_features, not both")
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
-            if image_features.shape[0] != input_ids.shape[0]:
+            if image_features.shape[0] * media_expansion != input_ids.shape[0]:
                 raise ValueError(
                     f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {input_ids.shape[0]}"
+                    + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
                 )
             media_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -631,7 +647,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
             )
         media, media_key_values = self._build_media(
-            input_ids, image_features, media_key_values, past_image_token_count, past_length
+            input_ids, image_features, media_key_values, past_image_token_count, past_length, media_expansion
         )
         self._restrict_embedding_gradients()
         kwargs.pop("return_dict", None)
@@ -706,6 +722,20 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             model_kwargs["media_key_values"] = outputs.media_key_values
             model_kwargs.pop("pixel_values", None)
         return model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # The beams and returned sequences of a prompt share its images: left unexpanded, they are
+        # encoded, resampled and projected once per prompt, not once per sequence.
+        media = {
+            key: model_kwargs.pop(key) for key in ("pixel_values", "image_features") if model_kwargs.get(key) is not None
+        }
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(media)
+        if media and expand_size > 1:
+            model_kwargs["media_expansion"] = expand_size
+        return input_ids, model_kwargs
 
     def generate(self, inputs=None, *, vision_x=None, lang_x=None, **kwargs):
         """GenerationMixin.generate; also takes OpenFlamingo's vision_x (B, T_img, F, C, H, W) and lang_x."""
