@@ -99,10 +99,15 @@ def test_image_work_runs_once_per_generate_call(model_and_processor):
     ]
     handles += [block.attn.to_kv.register_forward_hook(count("media_projection")) for block in model.cross_attn_layers.values()]
     batch = processor(text=PROMPTS[:2], images=[prompt_images(0), prompt_images(1)])
-    for kwargs in ({"do_sample": False}, {"num_beams": 3}):
+    images_seen = []
+    handles.append(model.vision_model.register_forward_pre_hook(lambda module, args, kwargs: images_seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True))
+    for kwargs in ({"do_sample": False}, {"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 3}):
         calls.update(vision=0, perceiver=0, media_projection=0)
+        images_seen.clear()
         model.generate(**batch, max_new_tokens=8, min_new_tokens=8, **kwargs)
         assert calls == {"vision": 1, "perceiver": 1, "media_projection": len(model.cross_attn_layers)}
+        # Beams share their prompt's images: 2 prompts x 2 image slots, whatever the number of beams.
+        assert images_seen == [4]
     for handle in handles:
         handle.remove()
 
