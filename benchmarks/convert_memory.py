@@ -35,7 +35,7 @@ def build_inputs(work: Path, layers: int):
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_neox", **text))
     lm.save_pretrained(work / "lm")
     tiny.train_tokenizer(tiny.shipped_text()).save_pretrained(work / "lm")
-    hidden, vocab = lm.config.hidden_size, lm.config.vocab_size
+    hidden = lm.config.hidden_size
     state = {"lang_encoder.gpt_neox.embed_in.weight": lm.gpt_neox.embed_in.weight.detach().clone(),
              "lang_encoder.embed_out.weight": lm.lm_head.weight.detach().clone()}
     del lm

@@ -9,7 +9,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from compare import build, inputs, run_generate

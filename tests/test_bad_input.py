@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from conftest import noise_image
 from flaminko import FlaminkoConfig

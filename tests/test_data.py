@@ -5,7 +5,6 @@ import json
 import tarfile
 
 import pytest
-import torch
 
 from conftest import noise_image, solid
 from flaminko.data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments

@@ -1,7 +1,6 @@
 """OpenFlamingo's freezing by default; switchable in the config."""
 
 import pytest
-import torch
 
 from conftest import build_model, noise_image
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
 from conftest import noise_image

@@ -85,7 +85,8 @@ def place_checkpoint(
     mapped, unplaced = {}, []
     if vision_keys:
         converted, unknown = open_clip_visual_to_hf(vision_keys)
-        mapped.update({f"vision_model.{name}": (f"vision_encoder.{name}", t) for name, t in converted.items()})
+        # (open_clip key names are not kept through the q/k/v split; the HF name is reported instead)
+        mapped.update({f"vision_model.{name}": (f"vision_encoder -> {name}", t) for name, t in converted.items()})
         unplaced += [f"vision_encoder.{name}" for name in unknown]
     for key, tensor in checkpoint.items():
         if key.startswith("vision_encoder."):
