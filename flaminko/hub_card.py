@@ -60,27 +60,24 @@ embeddings of the new tokens were trained; the backbones are as their authors re
 """
 
 
-def trainable_parameter_names(config, names) -> list[str]:
-    """The parameters the config trains (embedding rows aside): resampler and gated blocks, and the
-    backbones where they are not frozen."""
+def count_parameters(config, sizes: dict[str, int]) -> tuple[int, int]:
+    """(total, trained) from {parameter name: number of elements}: the resampler and gated blocks,
+    the backbones the config leaves unfrozen, and with a frozen LM only the two new-token rows of
+    its embedding matrix."""
     prefixes = ["perceiver.", "cross_attn_layers."]
     if not config.freeze_vision_model:
         prefixes.append("vision_model.")
     if not config.freeze_language_model:
         prefixes.append("language_model.")
-    return [name for name in names if name.startswith(tuple(prefixes))]
+    trained = sum(size for name, size in sizes.items() if name.startswith(tuple(prefixes)))
+    if config.freeze_language_model and config.train_new_token_embeddings:
+        trained += 2 * config.text_config.hidden_size
+    return sum(sizes.values()), trained
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(total, trained) parameters of a model; the embedding matrix counts only its new-token rows
-    when the LM is frozen."""
-    config = model.config
-    total = sum(p.numel() for p in model.parameters())
-    shapes = {name: p.numel() for name, p in model.named_parameters()}
-    trained = sum(shapes[name] for name in trainable_parameter_names(config, shapes))
-    if config.freeze_language_model and config.train_new_token_embeddings:
-        trained += 2 * config.text_config.hidden_size
-    return total, trained
+    """(total, trained) parameters of a model in memory."""
+    return count_parameters(model.config, {name: p.numel() for name, p in model.named_parameters()})
 
 
 def build_model_card(

@@ -123,7 +123,7 @@ def model_card(folder: Path, repo_id: str) -> ModelCard:
     from safetensors import safe_open
 
     from .configuration_flaminko import FlaminkoConfig
-    from .hub_card import build_model_card, trainable_parameter_names
+    from .hub_card import build_model_card, count_parameters
 
     config = FlaminkoConfig.from_pretrained(folder)
     sizes = {}
@@ -132,13 +132,11 @@ def model_card(folder: Path, repo_id: str) -> ModelCard:
             for name in weights.keys():
                 shape = weights.get_slice(name).get_shape()
                 sizes[name] = math.prod(shape)
-    trained = sum(sizes[name] for name in trainable_parameter_names(config, sizes))
-    if config.freeze_language_model and config.train_new_token_embeddings:
-        trained += 2 * config.text_config.hidden_size
+    total, trained = count_parameters(config, sizes)
     base_models = [config.vision_config._name_or_path, config.text_config._name_or_path]
     return build_model_card(
         config,
-        total_parameters=sum(sizes.values()),
+        total_parameters=total,
         trained_parameters=trained,
         repo_id=repo_id,
         base_models=[name for name in base_models if name] or None,
