@@ -5,8 +5,6 @@ import os
 import sys
 
 
-DEMO_STEPS = 2500
-
 
 def _add_convert(commands):
     convert = commands.add_parser("convert", help="convert OpenFlamingo / flamingo-mini checkpoints to Flaminko")
@@ -71,7 +69,7 @@ def main(argv=None):
 
     demo = commands.add_parser("demo", help="train a small Korean captioner offline and caption unseen combinations")
     demo.add_argument("--out", default="flaminko-demo", help="folder for the data, backbones, model and contact sheet")
-    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
+    demo.add_argument("--steps", type=int, help="Flaminko training steps (default 1500; the vision tower pretrains 2x)")
     demo.add_argument("--seed", type=int, default=0)
     _add_convert(commands)
     caption = commands.add_parser("caption", help="caption images with a Flaminko folder or Hub id")
@@ -102,9 +100,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import DEMO_STEPS, run_demo
 
-            run_demo(out=args.out, steps=args.steps, seed=args.seed)
+            run_demo(out=args.out, steps=args.steps or DEMO_STEPS, seed=args.seed)
         elif args.command == "convert":
             _convert(args)
         elif args.command == "caption":

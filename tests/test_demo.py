@@ -9,9 +9,10 @@ from PIL import Image
 from transformers import pipeline
 
 from flaminko.cli import main
-from flaminko.demo import run_demo
+from flaminko.demo import COLOURS, DEMO_STEPS, SHAPES, korean_font, run_demo
 
-STEPS = 400  # the full demo trains 2500 steps
+STEPS = 300
+assert STEPS < DEMO_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +23,21 @@ def demo(tmp_path_factory):
 
 def test_demo_learns_to_caption_new_images(demo):
     out, results = demo
-    # Stated bar for the reduced budget: well above the 1-in-15 chance of a seen combination.
-    assert results["accuracy_seen_combinations"] >= 0.6, results
+    # Stated bars for the reduced budget (it gets 99.6% and 90.0%). On unseen combinations a
+    # captioner that only repeats the pairs it was trained on gets 0%.
+    assert results["accuracy_seen_combinations"] >= 0.9, results
+    assert results["accuracy_unseen_combinations"] >= 0.6, results
     assert json.loads((out / "results.json").read_text())["steps"] == STEPS
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] == 750 and sheet.size[1] >= 150
     assert (out / "run" / "final" / "model.safetensors").exists()
+
+
+def test_contact_sheet_font_has_every_caption_character():
+    font = korean_font(18)
+    missing = font.getmask("\u4e00").getbbox(), bytes(font.getmask("\u4e00"))
+    for character in set("".join(COLOURS) + "".join(SHAPES)):
+        assert (font.getmask(character).getbbox(), bytes(font.getmask(character))) != missing, character
 
 
 def seen_image(out):
@@ -42,7 +52,7 @@ def test_caption_command(demo, capsys):
     main(["caption", "--model", str(out / "run" / "final"), path, "--num-beams", "1"])
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     name, caption = printed.split("\t")
-    assert name == path and caption.split(" ")[0] in ("빨간색", "파란색", "초록색", "노란색", "보라색")
+    assert name == path and caption.split(" ")[0] in COLOURS
 
 
 def test_chat_command_streams_answers(demo):
