@@ -205,18 +205,20 @@ def korean_font(size: int):
     return ImageFont.truetype(str(path), size)
 
 
-def contact_sheet(images, captions, truths, path: Path, columns: int = 5):
-    """Each image with its generated caption (green when right, red when wrong)."""
+def contact_sheet(images, captions, truths, labels, path: Path, columns: int = 5):
+    """Each image with its generated caption (green when right, red when wrong) and a grey label
+    saying which test set it comes from."""
     cell_width, cell_height, scale = 150, 150, 2
     rows = math.ceil(len(images) / columns)
     sheet = Image.new("RGB", (columns * cell_width, rows * cell_height), "white")
     canvas = ImageDraw.Draw(sheet)
-    font = korean_font(18)
-    for index, (image, caption, truth) in enumerate(zip(images, captions, truths)):
+    font, small_font = korean_font(18), korean_font(11)
+    for index, (image, caption, truth, label) in enumerate(zip(images, captions, truths, labels)):
         x, y = (index % columns) * cell_width, (index // columns) * cell_height
         sheet.paste(image.resize((IMAGE_SIZE * scale, IMAGE_SIZE * scale)), (x + (cell_width - IMAGE_SIZE * scale) // 2, y + 8))
         colour = (20, 140, 40) if caption == truth else (200, 30, 30)
         canvas.text((x + cell_width // 2, y + IMAGE_SIZE * scale + 26), caption or "(empty)", fill=colour, font=font, anchor="mm")
+        canvas.text((x + cell_width // 2, y + IMAGE_SIZE * scale + 48), label, fill=(120, 120, 120), font=small_font, anchor="mm")
     sheet.save(path)
 
 
@@ -247,7 +249,8 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
         truths = [row["caption"] for row in rows]
         captions = caption_images(model, processor, images)
         accuracies[split] = sum(c == t for c, t in zip(captions, truths)) / len(truths)
-        sheets.append((images[:15], captions[:15], truths[:15]))
+        label = "seen pair" if split == "test_seen.tsv" else "unseen pair"
+        sheets.append((images[:15], captions[:15], truths[:15], [label] * 15))
     sheet = out / "contact_sheet.png"
     contact_sheet(*(sum(parts, []) for parts in zip(*sheets)), sheet)
     seconds = time.perf_counter() - started
