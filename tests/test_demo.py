@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import pipeline
 
 from flaminko.cli import main
-from flaminko.demo import COLOURS, DEMO_STEPS, SHAPES, korean_font, run_demo
+from flaminko.demo import COLOURS, DEMO_STEPS, HELD_OUT, SHAPES, korean_font, run_demo
 
 STEPS = 300
 assert STEPS < DEMO_STEPS
@@ -31,6 +31,19 @@ def test_demo_learns_to_caption_new_images(demo):
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] == 750 and sheet.size[1] >= 150
     assert (out / "run" / "final" / "model.safetensors").exists()
+
+
+def caption_pairs(table):
+    rows = table.read_text(encoding="utf-8").splitlines()[1:]
+    return {tuple(row.split("\t")[1].split(" ")) for row in rows}
+
+
+def test_held_out_pairs_never_reach_training(demo):
+    out, _ = demo
+    trained = caption_pairs(out / "data" / "train.tsv")
+    assert not trained & HELD_OUT
+    assert {colour for colour, _ in trained} == set(COLOURS) and {shape for _, shape in trained} == set(SHAPES)
+    assert caption_pairs(out / "data" / "test_unseen.tsv") == HELD_OUT
 
 
 def test_contact_sheet_font_has_every_caption_character():
