@@ -8,8 +8,9 @@ For each of eager, sdpa and flash_attention_2 (the last when flash-attn is insta
 cross-attention then runs on SDPA, its per-token media mask not being a padding mask):
 decode tokens/s at batch 1 and 8 (one image, 128 new tokens, greedy), a training step (batch 8,
 one image, 64 tokens, forward + backward with the backbones frozen) and peak memory. The bound:
-every decoded token reads all LM and cross-attention weights and the cached media keys/values
-once, so tokens/s <= bandwidth / those bytes; the device bandwidth is measured with a large copy.
+every decoded token reads the LM and cross-attention weights (of the input embedding, one row) and
+the cached media keys/values once, so tokens/s <= bandwidth / those bytes; the device bandwidth is
+measured with a large copy.
 """
 
 import argparse
@@ -118,9 +119,20 @@ def training_step(model, device, dtype, repeats=5):
     return sorted(times)[len(times) // 2]
 
 
+def decode_matrices(model):
+    """The weights one decoded token reads whole: the LM's and the cross-attention blocks'. The
+    input embedding is left out (a token reads one row of it) unless the output layer shares it."""
+    input_embedding = model.get_input_embeddings().weight
+    tied = input_embedding is model.get_output_embeddings().weight
+    return [
+        parameter for name, parameter in model.named_parameters()
+        if name.startswith(("language_model.", "cross_attn_layers.")) and (tied or parameter is not input_embedding)
+    ]
+
+
 def bytes_read_per_token(model):
-    """LM + cross-attention weights, and the media keys/values of one image in every block."""
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith(("language_model.", "cross_attn_layers.")))
+    """The decode weights, and the media keys/values of one image in every block."""
+    weights = sum(p.numel() * p.element_size() for p in decode_matrices(model))
     config = model.config
     kv = 2 * config.perceiver_num_latents * config.cross_attn_heads * config.cross_attn_dim_head
     return weights + kv * len(model.cross_attn_layers) * next(model.parameters()).element_size()
