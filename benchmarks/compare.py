@@ -192,6 +192,10 @@ def decode_bound(model, rows):
     per_token = bytes_read_per_token(model)
     streaming = streaming_read_bandwidth()
     kernel_seconds, matrix_bytes = matrix_vector_seconds(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one_thread_seconds, _ = matrix_vector_seconds(model)
+    torch.set_num_threads(threads)
     row = next(r for r in rows if (r["batch"], r["images"], r["beams"]) == (1, 1, 1))
     result = {
         "bytes_read_per_token": per_token,
@@ -199,6 +203,7 @@ def decode_bound(model, rows):
         "streaming_bound_tokens_per_s": streaming / per_token,
         "matrix_vector_s": kernel_seconds,
         "matrix_vector_bytes": matrix_bytes,
+        "matrix_vector_one_thread_s": one_thread_seconds,
         "matrix_vector_bound_tokens_per_s": 1 / kernel_seconds,
     }
     for name in ("flaminko", "openflamingo"):
@@ -346,7 +351,8 @@ def markdown(results):
             f"{bound['streaming_bound_tokens_per_s']:.1f} tok/s: Flaminko reaches {bound['flaminko_fraction_of_streaming_bound']:.0%}, "
             f"OpenFlamingo {bound['openflamingo_fraction_of_streaming_bound']:.0%}. PyTorch's matrix-vector product alone, "
             f"once over each of these matrices, takes {bound['matrix_vector_s'] * 1e3:.1f} ms "
-            f"({bound['matrix_vector_bytes'] / bound['matrix_vector_s'] / 1e9:.1f} GB/s), so at most "
+            f"({bound['matrix_vector_bytes'] / bound['matrix_vector_s'] / 1e9:.1f} GB/s; {bound['matrix_vector_one_thread_s'] * 1e3:.1f} ms "
+            f"on one thread), so at most "
             f"{bound['matrix_vector_bound_tokens_per_s']:.1f} tok/s with its kernels: Flaminko reaches "
             f"{bound['flaminko_fraction_of_matrix_vector_bound']:.0%}, OpenFlamingo {bound['openflamingo_fraction_of_matrix_vector_bound']:.0%}."
         )
