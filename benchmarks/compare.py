@@ -1,7 +1,7 @@
 """Flaminko against OpenFlamingo's own code, on identical weights, side by side.
 
-    python benchmarks/compare.py --shape small --out benchmarks/results/small.json
-    python benchmarks/compare.py --shape openflaminko --layers 4 --out benchmarks/results/openflaminko.json
+    python benchmarks/compare.py --shape small --repeats 2 --out benchmarks/results/small.json
+    python benchmarks/compare.py --shape openflaminko --layers 2 --repeats 3 --out benchmarks/results/openflaminko-2-layers.json
 
 Builds random backbones of the shape (nothing is downloaded), builds OpenFlamingo around them with
 its gates open, converts its checkpoint to Flaminko, and then times, alternating between the two and
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoTokenizer, CLIPVisionConfig, LogitsProcessor, LogitsProcessorList
+from transformers import AutoTokenizer, CLIPVisionConfig, LogitsProcessorList
 
 from flaminko import FlaminkoForConditionalGeneration, tiny
 from flaminko.conversion import convert_open_flamingo
 from flaminko.conversion.reference import build_open_flamingo
-from gpu import bytes_read_per_token, decode_matrices
+from gpu import StepClock, bytes_read_per_token, decode_matrices
 
 SHAPES = {
     # ViT-B/16-like vision + 12-layer 768-wide GPT-NeoX.
@@ -103,20 +103,6 @@ class PeakMemory:
         self.increase = self.peak - self.start
 
 
-class StepClock(LogitsProcessor):
-    """Records when each decoding step's logits are ready: steps 2..n time the decoding alone."""
-
-    def __init__(self):
-        self.times = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
-
-    def decode_tokens_per_second(self, sequences: int) -> float:
-        return sequences * (len(self.times) - 1) / (self.times[-1] - self.times[0])
-
-
 def run_generate(name, model, input_ids, attention_mask, vision_x, new_tokens, beams, clock=None):
     common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, do_sample=False, eos_token_id=None)
     if clock is not None:
@@ -141,11 +127,11 @@ def benchmark(models, tokenizer, image_size, repeats):
                 rates = {name: [] for name in models}
                 for _ in range(repeats):
                     for name, model in models.items():  # alternating: one implementation, then the other
-                        clock = StepClock()
+                        clock = StepClock(torch.device("cpu"))
                         start = time.perf_counter()
                         tokens = run_generate(name, model, input_ids, attention_mask, vision_x, NEW_TOKENS, beams, clock)
                         times[name].append(time.perf_counter() - start)
-                        rates[name].append(clock.decode_tokens_per_second(batch))
+                        rates[name].append(clock.rate(batch))
                         row[f"{name}_tokens"] = tokens[:, -NEW_TOKENS:].tolist()
                 for name in models:
                     row[f"{name}_generate_s"] = statistics.median(times[name])

@@ -26,6 +26,8 @@ from flaminko.configuration_flaminko import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_
 
 
 class StepClock(LogitsProcessor):
+    """Records when each decoding step's logits are ready: steps 2..n time the decoding alone."""
+
     def __init__(self, device):
         self.device, self.times = device, []
 

@@ -5,7 +5,6 @@ import os
 import sys
 
 
-
 def _add_convert(commands):
     convert = commands.add_parser("convert", help="convert OpenFlamingo / flamingo-mini checkpoints to Flaminko")
     sources = convert.add_subparsers(dest="source", required=True)

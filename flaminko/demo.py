@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from . import tiny
+from .inference import generate_captions
 from .training import DataArguments, ModelArguments, train
 
 COLOURS = {
@@ -189,17 +190,6 @@ def pretrain_vision(vision: Path, rows: list[dict], data_folder: Path, out: Path
     classifier.vision.save_pretrained(vision)
 
 
-def caption_images(model, processor, images, batch_size: int = 16) -> list[str]:
-    captions = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        batch = processor(text=["<image>"] * len(chunk), images=[[image] for image in chunk])
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=8, do_sample=False)
-        captions += [c.strip() for c in processor.batch_decode(out[:, batch["input_ids"].shape[1] :])]
-    return captions
-
-
 def korean_font(size: int):
     path = resources.files("flaminko").joinpath("resources/NanumGothic-demo.ttf")
     return ImageFont.truetype(str(path), size)
@@ -247,7 +237,7 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
         rows = splits[split]
         images = [Image.open(out / "data" / row["image"]).convert("RGB") for row in rows]
         truths = [row["caption"] for row in rows]
-        captions = caption_images(model, processor, images)
+        captions = generate_captions(model, processor, images, max_new_tokens=8, num_beams=1)
         accuracies[split] = sum(c == t for c, t in zip(captions, truths)) / len(truths)
         label = "seen pair" if split == "test_seen.tsv" else "unseen pair"
         sheets.append((images[:15], captions[:15], truths[:15], [label] * 15))

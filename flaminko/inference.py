@@ -16,14 +16,24 @@ def load(model_name_or_path):
 
 
 def caption(model_name_or_path, images, prompt: str = "<image>", max_new_tokens: int = 20, num_beams: int = 3):
-    """One caption per image; the prompt must hold one `<image>`."""
+    """One caption per image (paths or PIL images) from a Flaminko folder or Hub id."""
+    model, processor = load(model_name_or_path)
+    return generate_captions(model, processor, images, prompt, max_new_tokens, num_beams)
+
+
+def generate_captions(
+    model, processor, images, prompt: str = "<image>", max_new_tokens: int = 20, num_beams: int = 3, batch_size: int = 16
+) -> list[str]:
+    """One caption per image, in batches; the prompt must hold one `<image>`."""
     if prompt.count("<image>") != 1:
         raise ValueError(f"The prompt must hold exactly one <image>, got {prompt!r}")
-    model, processor = load(model_name_or_path)
-    loaded = [load_image(path) for path in images]
-    batch = processor(text=[prompt] * len(loaded), images=[[image] for image in loaded])
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
-    return [text.strip() for text in processor.batch_decode(out[:, batch["input_ids"].shape[1] :])]
+    captions = []
+    for start in range(0, len(images), batch_size):
+        chunk = [load_image(image) for image in images[start : start + batch_size]]
+        batch = processor(text=[prompt] * len(chunk), images=[[image] for image in chunk])
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        captions += [text.strip() for text in processor.batch_decode(out[:, batch["input_ids"].shape[1] :])]
+    return captions
 
 
 def chat(model_name_or_path, lines=None, max_new_tokens: int = 64):

@@ -59,22 +59,21 @@ def problems(folder) -> list[str]:
         if not _card_names_base(folder):
             found.append("model card: no card naming the base model")
         return found
-    else:
-        if not (folder / "config.json").is_file():
-            return ["config.json is missing: not a model folder"]
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("model_type") != "flaminko":
-            found.append(f"config.json: model_type is {config.get('model_type')!r}, not 'flaminko'")
-        if not list(folder.glob("*.safetensors")):
-            found.append("weights: no .safetensors files")
-        missing_code = [name for name in REMOTE_CODE if not (folder / name).is_file()]
-        if missing_code:
-            found.append(f"remote code: {', '.join(missing_code)} missing")
-        if any(config.get("auto_map", {}).get(key) != value for key, value in AUTO_MAP.items()):
-            found.append("config.json: auto_map incomplete")
-        missing_processor = [name for name in PROCESSOR_FILES if not (folder / name).is_file()]
-        if missing_processor:
-            found.append(f"processor: {', '.join(missing_processor)} missing")
+    if not (folder / "config.json").is_file():
+        return ["config.json is missing: not a model folder"]
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "flaminko":
+        found.append(f"config.json: model_type is {config.get('model_type')!r}, not 'flaminko'")
+    if not list(folder.glob("*.safetensors")):
+        found.append("weights: no .safetensors files")
+    missing_code = [name for name in REMOTE_CODE if not (folder / name).is_file()]
+    if missing_code:
+        found.append(f"remote code: {', '.join(missing_code)} missing")
+    if not _auto_map_complete(config):
+        found.append("config.json: auto_map incomplete")
+    missing_processor = [name for name in PROCESSOR_FILES if not (folder / name).is_file()]
+    if missing_processor:
+        found.append(f"processor: {', '.join(missing_processor)} missing")
     if not (folder / "README.md").is_file():
         found.append("model card: README.md missing")
     return found
@@ -102,7 +101,7 @@ def fill_in(folder, repo_id: str) -> list[str]:
             added.append(name)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    if any(config.get("auto_map", {}).get(key) != value for key, value in AUTO_MAP.items()):
+    if not _auto_map_complete(config):
         config["auto_map"] = {**config.get("auto_map", {}), **AUTO_MAP}
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         added.append("auto_map in config.json")
@@ -110,6 +109,10 @@ def fill_in(folder, repo_id: str) -> list[str]:
         model_card(folder, repo_id).save(folder / "README.md")
         added.append("README.md (model card)")
     return added
+
+
+def _auto_map_complete(config: dict) -> bool:
+    return all(config.get("auto_map", {}).get(key) == value for key, value in AUTO_MAP.items())
 
 
 def _card_names_base(folder: Path) -> bool:

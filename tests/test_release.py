@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 
 from conftest import noise_image
 from fake_hub import FakeHub
-from flaminko.release import is_adapter, problems, release
+from flaminko.release import REMOTE_CODE, is_adapter, problems, release
 from test_loading import REMOTE_SCRIPT, sample
 
 
@@ -18,7 +18,7 @@ def bare_folder(model, processor, folder):
     """A saved model stripped of what a release adds: remote code, auto_map, card."""
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    for name in ("configuration_flaminko.py", "modeling_flaminko.py", "processing_flaminko.py"):
+    for name in REMOTE_CODE:
         (folder / name).unlink()
     config = json.loads((folder / "config.json").read_text())
     config.pop("auto_map")
