@@ -66,7 +66,9 @@ def captioning_scores(predictions: dict, references: dict, tokenizer: str = "aut
     }
 
 
-# The official VQA evaluation (VQA's vqaEval.py, as OpenFlamingo's vqa_metric.py ships it).
+# The official VQA evaluation (VQA's vqaEval.py) as OpenFlamingo's vqa_metric.py runs it: prediction and
+# human answers are both fully normalised, always (the original normalises the answers only when they
+# disagree, and only their punctuation, relying on VQAv2's answers being normalised already).
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
