@@ -168,7 +168,8 @@ def evaluate(
     if rices and not support_set:
         raise ValueError("RICES retrieves demonstrations from the support set: pass --support")
 
-    state = PartialState(cpu=device == "cpu")
+    # On CPU (asked for, or no GPU) accelerate joins the torchrun / accelerate processes over gloo.
+    state = PartialState(cpu=str(device).startswith("cpu") or not torch.cuda.is_available())
     model, processor = load_model(model, dtype, device or state.device)
     templates = PROMPT_FORMATS[prompt_format]
     decoding = dict(DECODING.get(task, {}))
