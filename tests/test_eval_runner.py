@@ -181,12 +181,14 @@ def test_cli_prints_results_and_writes_them(model_folder, data, tmp_path, capsys
         (["--task", "captioning", "--data", "{root}/broken.tsv"], "image files of .* are missing"),
         (["--task", "captioning", "--data", "{root}/captions.tsv", "--shots", "4"], "need a support set"),
         (["--task", "vqa", "--data", "{root}/questions.json", "--annotations", "{root}/few_annotations.json"], "have no annotation"),
+        (["--task", "captioning", "--data", "{root}/captions.tsv", "--support", "{root}/one.tsv", "--shots", "4"], "support set has 1"),
     ],
 )
 def test_bad_data_is_one_line_error(model_folder, data, tmp_path, capsys, arguments, message):
     root = data["root"]
     (root / "empty.txt").write_text("\n")
     (root / "broken.tsv").write_text("image\tcaption\nimages/nowhere.png\tx\n")
+    (root / "one.tsv").write_text("image\tcaption\nimages/COCO_val2014_000000000000.jpg\tx\n")
     annotations = json.loads(data["vqa_annotations"].read_text())
     annotations["annotations"] = annotations["annotations"][:2]
     (root / "few_annotations.json").write_text(json.dumps(annotations))

@@ -61,8 +61,6 @@ def _demonstrations(query, index, support, shots, seed, rices_indices):
     count = shots if shots > 0 else (ZERO_SHOT_TEXT_DEMONSTRATIONS if support else 0)
     if count == 0:
         return []
-    if count > len(support):
-        raise ValueError(f"{shots} shots need at least {count} support samples; the support set has {len(support)}")
     if rices_indices is not None:
         return [support[i] for i in rices_indices[index]]
     # Seeded by trial and query: the same demonstrations whichever process or resumed run draws them.
@@ -165,6 +163,12 @@ def evaluate(
         )  # fmt: skip
     elif max(shots) > 0:
         raise ValueError(f"{max(shots)} shots need a support set to draw demonstrations from (--support)")
+    needed = max(count or ZERO_SHOT_TEXT_DEMONSTRATIONS for count in shots)
+    if support_set and needed > len(support_set):
+        raise ValueError(
+            f"{needed} demonstrations per query (0-shot draws {ZERO_SHOT_TEXT_DEMONSTRATIONS} text-only ones) need "
+            f"{needed} support samples; the support set has {len(support_set)}"
+        )
     if rices and not support_set:
         raise ValueError("RICES retrieves demonstrations from the support set: pass --support")
 
