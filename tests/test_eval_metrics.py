@@ -66,7 +66,13 @@ ANSWER_WORDS = ["yes", "no", "2", "two", "the dog", "dog", "red, white", "t-shir
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(ANSWER_WORDS), st.lists(st.sampled_from(ANSWER_WORDS), min_size=10, max_size=10)), min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(ANSWER_WORDS), st.lists(st.sampled_from(ANSWER_WORDS), min_size=10, max_size=10)),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_vqa_accuracy_equals_open_flamingo_vqa_metric(tmp_path_factory, questions):
     folder = tmp_path_factory.mktemp("vqa")
     vqa_metric = load_open_flamingo_eval("vqa_metric")
@@ -90,17 +96,31 @@ def test_vqa_accuracy_equals_open_flamingo_vqa_metric(tmp_path_factory, question
     for name, content in (("a.json", annotations), ("q.json", question_file), ("r.json", results)):
         (folder / name).write_text(json.dumps(content))
     theirs = vqa_metric.compute_vqa_accuracy(str(folder / "r.json"), str(folder / "q.json"), str(folder / "a.json"))
-    ours = vqa_scores({qid: p for qid, (p, _) in enumerate(questions)}, {qid: a for qid, (_, a) in enumerate(questions)})
+    ours = vqa_scores(
+        {qid: p for qid, (p, _) in enumerate(questions)}, {qid: a for qid, (_, a) in enumerate(questions)}
+    )
     # Theirs is rounded to 2 decimals.
     assert ours["VQA accuracy"] == pytest.approx(theirs, abs=0.005 + 1e-9)
 
 
 REFERENCES = {
-    1: ["A man riding a horse on a beach.", "A person rides a brown horse near the sea.", "Man on horseback at the shore."],
+    1: [
+        "A man riding a horse on a beach.",
+        "A person rides a brown horse near the sea.",
+        "Man on horseback at the shore.",
+    ],
     2: ["Two dogs playing with a red ball.", "A pair of dogs chase a ball in the grass.", "Dogs play fetch outside."],
-    3: ["A plate of food with broccoli and rice.", "Rice and vegetables on a white plate.", "A healthy meal on a plate."],
+    3: [
+        "A plate of food with broccoli and rice.",
+        "Rice and vegetables on a white plate.",
+        "A healthy meal on a plate.",
+    ],
 }
-PREDICTIONS = {1: "a man riding a horse on the beach", 2: "two dogs playing with a ball", 3: "a plate of rice and broccoli"}
+PREDICTIONS = {
+    1: "a man riding a horse on the beach",
+    2: "two dogs playing with a ball",
+    3: "a plate of rice and broccoli",
+}
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="the official PTB tokenizer needs java on the PATH")
@@ -144,7 +164,11 @@ def test_korean_captions_use_the_python_tokenizer_and_pycocoevalcap_scorers():
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    references = {"a": ["빨간색 원이 있다.", "빨간 원"], "b": ["파란색 네모 2개", "파란 네모"], "c": ["노란색 세모", "노란 삼각형"]}
+    references = {
+        "a": ["빨간색 원이 있다.", "빨간 원"],
+        "b": ["파란색 네모 2개", "파란 네모"],
+        "c": ["노란색 세모", "노란 삼각형"],
+    }
     predictions = {"a": "빨간색 원", "b": "파란색 네모 2개", "c": "초록색 세모"}
     scores = captioning_scores(predictions, references)
     assert scores["tokenizer"] == "korean"

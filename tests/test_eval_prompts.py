@@ -21,7 +21,9 @@ class OpenFlamingoPrompts:
         return f"<image>Question:{question} Short answer:{answer if answer is not None else ''}{'<|endofchunk|>' if answer is not None else ''}"
 
     def get_caption_prompt(self, caption=None):
-        return f"<image>Output:{caption if caption is not None else ''}{'<|endofchunk|>' if caption is not None else ''}"
+        return (
+            f"<image>Output:{caption if caption is not None else ''}{'<|endofchunk|>' if caption is not None else ''}"
+        )
 
     def get_imagenet_prompt(self, label=None):
         return f"<image>Output:{label if label is not None else ''}{'<|endofchunk|>' if label is not None else ''}"
@@ -49,7 +51,9 @@ def open_flamingo_prompts(function_name, namespace):
 
 
 CAPTIONS = [{"id": n, "image": f"img{n}", "captions": [f" caption {n} ", "other"]} for n in range(5)]
-QUESTIONS = [{"id": n, "image": f"img{n}", "question": f"What is {n}?", "answers": [f"answer {n}", "x"]} for n in range(5)]
+QUESTIONS = [
+    {"id": n, "image": f"img{n}", "question": f"What is {n}?", "answers": [f"answer {n}", "x"]} for n in range(5)
+]
 CLASSES = [{"id": n, "image": f"img{n}", "class_name": f"class {n}"} for n in range(5)]
 MEMES = [{"id": n, "image": f"img{n}", "class_name": ["no", "yes"][n % 2], "ocr": f"text {n}"} for n in range(5)]
 
@@ -57,11 +61,24 @@ MEMES = [{"id": n, "image": f"img{n}", "class_name": ["no", "yes"][n % 2], "ocr"
 @pytest.mark.parametrize("shots", [0, 2, 4])
 def test_captioning_and_vqa_prompts_equal_open_flamingo(shots):
     effective = shots or 2  # compute_effective_num_shots: 0-shot draws 2 text-only demonstrations
-    for task, samples, function in (("captioning", CAPTIONS, "evaluate_captioning"), ("vqa", QUESTIONS, "evaluate_vqa")):
+    for task, samples, function in (
+        ("captioning", CAPTIONS, "evaluate_captioning"),
+        ("vqa", QUESTIONS, "evaluate_vqa"),
+    ):
         query, demos = samples[0], samples[1 : 1 + effective]
-        their_demos = [{"caption": d.get("captions", [""])[0], "question": d.get("question"), "answers": d.get("answers"), "image": d["image"]} for d in demos]
+        their_demos = [
+            {
+                "caption": d.get("captions", [""])[0],
+                "question": d.get("question"),
+                "answers": d.get("answers"),
+                "image": d["image"],
+            }
+            for d in demos
+        ]
         batch = {"image": [query["image"]], "question": [query.get("question")]}
-        texts, images = open_flamingo_prompts(function, {"batch": batch, "batch_demo_samples": [their_demos], "num_shots": shots})
+        texts, images = open_flamingo_prompts(
+            function, {"batch": batch, "batch_demo_samples": [their_demos], "num_shots": shots}
+        )
         ours = build_prompt(task, query, demos, PROMPT_FORMATS["open_flamingo"], shots=shots)
         assert ours == (texts[0], images[0]), task
 
@@ -99,6 +116,9 @@ def test_generations_are_cut_as_open_flamingo_cuts_them():
     spec.loader.exec_module(vqa_metric)
     template = PROMPT_FORMATS["open_flamingo"]
     for text in ['a "dog" on grass Output: a cat', " a man\n", "Output:"]:
-        assert postprocess("captioning", text, template) == coco_metric.postprocess_captioning_generation(text).replace('"', "").strip()
+        assert (
+            postprocess("captioning", text, template)
+            == coco_metric.postprocess_captioning_generation(text).replace('"', "").strip()
+        )
     for text in ["yes, it is", "2 Question: what", "red Short answer", "blue Answer: x"]:
         assert postprocess("vqa", text, template) == vqa_metric.postprocess_vqa_generation(text).strip()

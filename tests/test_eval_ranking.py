@@ -43,10 +43,16 @@ def test_candidates_share_one_image_encoding(model_and_processor, monkeypatch):
     model, processor = model_and_processor
     seen = []
     original = model.vision_model.forward
-    monkeypatch.setattr(model.vision_model, "forward", lambda *a, **k: seen.append(k["pixel_values"].shape[0]) or original(*a, **k))
-    batch = candidate_batch(processor, ["<image>Output:"] * 2, [[noise_image(0)], [noise_image(1)]], ["a", "b", "c", "d"])
+    monkeypatch.setattr(
+        model.vision_model, "forward", lambda *a, **k: seen.append(k["pixel_values"].shape[0]) or original(*a, **k)
+    )
+    batch = candidate_batch(
+        processor, ["<image>Output:"] * 2, [[noise_image(0)], [noise_image(1)]], ["a", "b", "c", "d"]
+    )
     assert batch["input_ids"].shape[0] == 8 and batch["pixel_values"].shape[0] == 2
-    score_candidates(model, processor, ["<image>Output:"] * 2, [[noise_image(0)], [noise_image(1)]], ["a", "b", "c", "d"])
+    score_candidates(
+        model, processor, ["<image>Output:"] * 2, [[noise_image(0)], [noise_image(1)]], ["a", "b", "c", "d"]
+    )
     assert seen == [2]  # two images, once each, for eight rows
 
 

@@ -46,27 +46,50 @@ def data(tmp_path_factory):
     files["karpathy"].write_text(json.dumps(karpathy))
     files["captions_tsv"] = root / "captions.tsv"
     files["captions_tsv"].write_text(
-        "image\tcaption\n" + "".join(f"images/{name}\t빨간색 원 {n}\nimages/{name}\t그림\n" for n, name in enumerate(names))
+        "image\tcaption\n"
+        + "".join(f"images/{name}\t빨간색 원 {n}\nimages/{name}\t그림\n" for n, name in enumerate(names))
     )
     files["captions_jsonl"] = root / "captions.jsonl"
-    files["captions_jsonl"].write_text("".join(json.dumps({"image": f"images/{name}", "captions": ["a", "b"]}) + "\n" for name in names))
+    files["captions_jsonl"].write_text(
+        "".join(json.dumps({"image": f"images/{name}", "captions": ["a", "b"]}) + "\n" for name in names)
+    )
     questions = {"questions": [{"question_id": 100 + n, "image_id": n, "question": f"What is {n}?"} for n in range(6)]}
-    annotations = {"annotations": [{"question_id": 100 + n, "image_id": n, "answers": [{"answer": "two"}] * 6 + [{"answer": "3"}] * 4} for n in range(6)]}
+    annotations = {
+        "annotations": [
+            {"question_id": 100 + n, "image_id": n, "answers": [{"answer": "two"}] * 6 + [{"answer": "3"}] * 4}
+            for n in range(6)
+        ]
+    }
     files["vqa_questions"], files["vqa_annotations"] = root / "questions.json", root / "annotations.json"
     files["vqa_questions"].write_text(json.dumps(questions))
     files["vqa_annotations"].write_text(json.dumps(annotations))
     files["textvqa"] = root / "textvqa.json"
-    files["textvqa"].write_text(json.dumps({"data": [{"question_id": n, "image_id": n, "question": "q", "answers": ["a"] * 10} for n in range(6)]}))
+    files["textvqa"].write_text(
+        json.dumps(
+            {"data": [{"question_id": n, "image_id": n, "question": "q", "answers": ["a"] * 10} for n in range(6)]}
+        )
+    )
     files["vizwiz"] = root / "vizwiz.json"
-    files["vizwiz"].write_text(json.dumps([{"image": name, "question": "q", "answers": [{"answer": "x"}] * 10} for name in names]))
+    files["vizwiz"].write_text(
+        json.dumps([{"image": name, "question": "q", "answers": [{"answer": "x"}] * 10} for name in names])
+    )
     files["vqa_tsv"] = root / "vqa.tsv"
-    files["vqa_tsv"].write_text("image\tquestion\tanswers\n" + "".join(f"images/{name}\t무슨 색?\t빨간색|빨강|빨간색\n" for name in names))
+    files["vqa_tsv"].write_text(
+        "image\tquestion\tanswers\n" + "".join(f"images/{name}\t무슨 색?\t빨간색|빨강|빨간색\n" for name in names)
+    )
     files["classes"] = root / "classes.txt"
     files["classes"].write_text("cat\ndog\nred car\n")
     files["labels"] = root / "labels.tsv"
-    files["labels"].write_text("image\tlabel\n" + "".join(f"images/{name}\t{['cat', 'dog', '2'][n % 3]}\n" for n, name in enumerate(names)))
+    files["labels"].write_text(
+        "image\tlabel\n" + "".join(f"images/{name}\t{['cat', 'dog', '2'][n % 3]}\n" for n, name in enumerate(names))
+    )
     files["memes"] = root / "memes.jsonl"
-    files["memes"].write_text("".join(json.dumps({"id": n, "img": f"images/{name}", "label": n % 2, "text": "hi"}) + "\n" for n, name in enumerate(names)))
+    files["memes"].write_text(
+        "".join(
+            json.dumps({"id": n, "img": f"images/{name}", "label": n % 2, "text": "hi"}) + "\n"
+            for n, name in enumerate(names)
+        )
+    )
     files["root"] = root
     return files
 
@@ -99,7 +122,9 @@ def test_captioning_few_shot_results_and_predictions(model_folder, data, tmp_pat
         assert len(report["metrics"][shots]["CIDEr"]["trials"]) == 2
         assert report["metrics"][shots]["tokenizer"] in ("ptb", "korean")
     assert json.loads((tmp_path / "results.json").read_text())["metrics"] == report["metrics"]
-    records = [json.loads(line) for line in (tmp_path / "predictions-captioning-2shot-trial1.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "predictions-captioning-2shot-trial1.jsonl").read_text().splitlines()
+    ]
     assert [r["id"] for r in records] == [0, 1, 2]
     assert all(set(r["demonstrations"]) <= {3, 4, 5} and len(r["demonstrations"]) == 2 for r in records)
     assert records[0]["prompt"].count("<image>") == 3 and records[0]["prompt"].endswith("<image>Output:")
@@ -134,7 +159,9 @@ def test_classification_ranks_class_names_with_the_ranking_api(model_folder, dat
     assert report["metrics"]["0"]["top-5 accuracy"]["mean"] == 100.0  # three classes
     record = json.loads((tmp_path / "predictions-classification-0shot-trial0.jsonl").read_text().splitlines()[0])
     model, processor = load_model(str(model_folder))
-    scores = score_candidates(model, processor, ["<image>Output:"], [[record["image"]]], ["cat", "dog", "red car"], length_normalize=True)
+    scores = score_candidates(
+        model, processor, ["<image>Output:"], [[record["image"]]], ["cat", "dog", "red car"], length_normalize=True
+    )
     assert record["ranking"] == [["cat", "dog", "red car"][i] for i in scores[0].argsort(descending=True).tolist()]
     memes = evaluate(
         str(model_folder), task="classification", data=data["memes"], class_names=["no", "yes"], output_dir=tmp_path / "memes",
@@ -144,7 +171,9 @@ def test_classification_ranks_class_names_with_the_ranking_api(model_folder, dat
 
 
 def test_an_interrupted_evaluation_resumes_from_its_predictions(model_folder, data, tmp_path):
-    options = dict(task="captioning", data=data["captions_tsv"], max_new_tokens=3, num_beams=1, batch_size=2, progress=False)
+    options = dict(
+        task="captioning", data=data["captions_tsv"], max_new_tokens=3, num_beams=1, batch_size=2, progress=False
+    )
     full = evaluate(str(model_folder), output_dir=tmp_path / "full", **options)
     lines = (tmp_path / "full" / "predictions-captioning-0shot-trial0.jsonl").read_text().splitlines()
     # An interruption after two samples leaves the first lines of a rank's part file.
@@ -152,9 +181,14 @@ def test_an_interrupted_evaluation_resumes_from_its_predictions(model_folder, da
     marked = [json.loads(line) for line in lines[:2]]
     for record in marked:
         record["generated"] = "from the first run"
-    (tmp_path / "resumed" / "predictions-captioning-0shot-trial0.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
+    (tmp_path / "resumed" / "predictions-captioning-0shot-trial0.rank0.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in marked)
+    )
     resumed = evaluate(str(model_folder), output_dir=tmp_path / "resumed", **options)
-    records = [json.loads(line) for line in (tmp_path / "resumed" / "predictions-captioning-0shot-trial0.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "resumed" / "predictions-captioning-0shot-trial0.jsonl").read_text().splitlines()
+    ]
     assert [r["generated"] for r in records[:2]] == ["from the first run"] * 2  # kept, not recomputed
     assert [r["prediction"] for r in records] == [json.loads(line)["prediction"] for line in lines]
     assert resumed["metrics"] == full["metrics"]
@@ -177,11 +211,20 @@ def test_cli_prints_results_and_writes_them(model_folder, data, tmp_path, capsys
     [
         (["--task", "captioning", "--data", "{root}/missing.tsv"], "Data file not found"),
         (["--task", "vqa", "--data", "{root}/questions.json"], "pass their annotations JSON too"),
-        (["--task", "classification", "--data", "{root}/labels.tsv", "--class_names", "{root}/empty.txt"], "class name list is empty"),
+        (
+            ["--task", "classification", "--data", "{root}/labels.tsv", "--class_names", "{root}/empty.txt"],
+            "class name list is empty",
+        ),
         (["--task", "captioning", "--data", "{root}/broken.tsv"], "image files of .* are missing"),
         (["--task", "captioning", "--data", "{root}/captions.tsv", "--shots", "4"], "need a support set"),
-        (["--task", "vqa", "--data", "{root}/questions.json", "--annotations", "{root}/few_annotations.json"], "have no annotation"),
-        (["--task", "captioning", "--data", "{root}/captions.tsv", "--support", "{root}/one.tsv", "--shots", "4"], "support set has 1"),
+        (
+            ["--task", "vqa", "--data", "{root}/questions.json", "--annotations", "{root}/few_annotations.json"],
+            "have no annotation",
+        ),
+        (
+            ["--task", "captioning", "--data", "{root}/captions.tsv", "--support", "{root}/one.tsv", "--shots", "4"],
+            "support set has 1",
+        ),
     ],
 )
 def test_bad_data_is_one_line_error(model_folder, data, tmp_path, capsys, arguments, message):

@@ -203,11 +203,17 @@ def load_classification(path, class_names, image_root=None) -> list[dict]:
         label = _column(row, ("label", "class_name"), path)
         if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and label not in class_names):
             if not 0 <= int(label) < len(class_names):
-                raise ValueError(f"{str(path)!r}: label {label} is not an index into the {len(class_names)} class names")
+                raise ValueError(
+                    f"{str(path)!r}: label {label} is not an index into the {len(class_names)} class names"
+                )
             label = class_names[int(label)]
         if label not in class_names:
             raise ValueError(f"{str(path)!r}: label {label!r} is not one of the class names {class_names[:10]}")
-        sample = {"id": row.get("id", number), "image": str(root / _column(row, ("image", "img"), path)), "class_name": label}
+        sample = {
+            "id": row.get("id", number),
+            "image": str(root / _column(row, ("image", "img"), path)),
+            "class_name": label,
+        }
         if row.get("text") is not None:
             sample["ocr"] = row["text"]
         samples.append(sample)

@@ -18,7 +18,9 @@ def candidate_batch(processor, prompts: list[str], images: list[list], candidate
     empty = [text for text, ids in zip(candidates, candidate_ids) if not ids]
     if empty:
         raise ValueError(f"Candidate texts {empty[:5]} are empty once tokenized")
-    rows = [(prompt + candidate, [-100] * len(prompt) + candidate) for prompt in prompt_ids for candidate in candidate_ids]
+    rows = [
+        (prompt + candidate, [-100] * len(prompt) + candidate) for prompt in prompt_ids for candidate in candidate_ids
+    ]
     length = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     batch = {
@@ -45,7 +47,14 @@ def score_candidates(
 
 
 def rank_images(
-    model, processor, images: list, text: str, *, prompt: str = "<image>", length_normalize: bool = True, batch_size: int = 16
+    model,
+    processor,
+    images: list,
+    text: str,
+    *,
+    prompt: str = "<image>",
+    length_normalize: bool = True,
+    batch_size: int = 16,
 ) -> list[tuple[int, float]]:
     """Retrieval: (image index, log-likelihood of `text` after `prompt` with that image), best first."""
     if prompt.count("<image>") != 1:
@@ -54,6 +63,11 @@ def rank_images(
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         scores += score_candidates(
-            model, processor, [prompt] * len(chunk), [[image] for image in chunk], [text], length_normalize=length_normalize
+            model,
+            processor,
+            [prompt] * len(chunk),
+            [[image] for image in chunk],
+            [text],
+            length_normalize=length_normalize,
         )[:, 0].tolist()
     return sorted(enumerate(scores), key=lambda pair: -pair[1])

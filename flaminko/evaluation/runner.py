@@ -67,12 +67,16 @@ def _demonstrations(query, index, support, shots, seed, rices_indices):
     return random.Random(f"{seed}:{json.dumps(query['id'])}").sample(support, count)
 
 
-def _predict(task, model, processor, queries, demonstrations, prompt_format, shots, decoding, class_names, length_normalize):
+def _predict(
+    task, model, processor, queries, demonstrations, prompt_format, shots, decoding, class_names, length_normalize
+):
     prompts, images = zip(
         *(build_prompt(task, q, demos, prompt_format, shots=shots) for q, demos in zip(queries, demonstrations))
     )
     if task == "classification":
-        scores = score_candidates(model, processor, list(prompts), list(images), class_names, length_normalize=length_normalize)
+        scores = score_candidates(
+            model, processor, list(prompts), list(images), class_names, length_normalize=length_normalize
+        )
         records = []
         for query, row in zip(queries, scores):
             order = row.argsort(descending=True).tolist()
@@ -91,7 +95,9 @@ def _predict(task, model, processor, queries, demonstrations, prompt_format, sho
     records = []
     for query, text in zip(queries, texts):
         record = {"prediction": postprocess(task, text, prompt_format), "generated": text}
-        record["references" if task == "captioning" else "answers"] = query["captions" if task == "captioning" else "answers"]
+        record["references" if task == "captioning" else "answers"] = query[
+            "captions" if task == "captioning" else "answers"
+        ]
         records.append(record)
     return prompts, records
 
@@ -104,7 +110,10 @@ def _score(task, records, class_names, caption_tokenizer):
             caption_tokenizer,
         )
     if task == "vqa":
-        return vqa_scores({json.dumps(r["id"]): r["prediction"] for r in records}, {json.dumps(r["id"]): r["answers"] for r in records})
+        return vqa_scores(
+            {json.dumps(r["id"]): r["prediction"] for r in records},
+            {json.dumps(r["id"]): r["answers"] for r in records},
+        )
     return classification_scores(records, class_names)
 
 
@@ -153,7 +162,9 @@ def evaluate(
             raise ValueError("Classification needs the class names (--class_names FILE: one a line, or a JSON list)")
         class_names = load_class_names(class_names)
     data_split = split if str(data).endswith(".json") else None
-    queries = load_task_data(task, data, annotations=annotations, class_names=class_names, image_root=image_root, split=data_split)
+    queries = load_task_data(
+        task, data, annotations=annotations, class_names=class_names, image_root=image_root, split=data_split
+    )
     queries = queries[:limit] if limit else queries
     support_set = []
     if support is not None:
@@ -177,8 +188,14 @@ def evaluate(
     model, processor = load_model(model, dtype, device or state.device)
     templates = PROMPT_FORMATS[prompt_format]
     decoding = dict(DECODING.get(task, {}))
-    decoding.update({k: v for k, v in {"num_beams": num_beams, "max_new_tokens": max_new_tokens}.items() if v is not None})
-    finder = RICES(model, processor, support_set, cache_dir=rices_cache, progress=progress and state.is_main_process) if rices else None
+    decoding.update(
+        {k: v for k, v in {"num_beams": num_beams, "max_new_tokens": max_new_tokens}.items() if v is not None}
+    )
+    finder = (
+        RICES(model, processor, support_set, cache_dir=rices_cache, progress=progress and state.is_main_process)
+        if rices
+        else None
+    )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -198,12 +215,24 @@ def evaluate(
                         chunk = mine[start : start + batch_size]
                         batch = [q for _, q in chunk]
                         effective = count if count > 0 else ZERO_SHOT_TEXT_DEMONSTRATIONS
-                        nearest = finder.find([q["image"] for q in batch], effective) if finder and support_set else None
+                        nearest = (
+                            finder.find([q["image"] for q in batch], effective) if finder and support_set else None
+                        )
                         demos = [
-                            _demonstrations(q, i, support_set, count, seed + trial, nearest) for i, (_, q) in enumerate(chunk)
+                            _demonstrations(q, i, support_set, count, seed + trial, nearest)
+                            for i, (_, q) in enumerate(chunk)
                         ]
                         texts, records = _predict(
-                            task, model, processor, batch, demos, templates, count, decoding, class_names, length_normalize
+                            task,
+                            model,
+                            processor,
+                            batch,
+                            demos,
+                            templates,
+                            count,
+                            decoding,
+                            class_names,
+                            length_normalize,
                         )
                         for query, demo, text, record in zip(batch, demos, texts, records):
                             record = {"id": query["id"], "image": query["image"], **record, "prompt": text}
@@ -232,7 +261,11 @@ def evaluate(
             if isinstance(value, str):
                 summary[str(count)][metric] = value
             else:
-                summary[str(count)][metric] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "trials": values}
+                summary[str(count)][metric] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.pstdev(values),
+                    "trials": values,
+                }
     report = {
         "task": task,
         "model": str(getattr(model, "name_or_path", "")),
@@ -244,7 +277,9 @@ def evaluate(
         "trials": trials,
         "seed": seed,
         "demonstrations": "rices" if rices else "random",
-        "zero_shot": f"{ZERO_SHOT_TEXT_DEMONSTRATIONS} text-only demonstrations" if support_set else "no demonstrations",
+        "zero_shot": f"{ZERO_SHOT_TEXT_DEMONSTRATIONS} text-only demonstrations"
+        if support_set
+        else "no demonstrations",
         "prompt_format": prompt_format,
         "decoding": decoding if task != "classification" else {"length_normalize": length_normalize},
         "metrics": summary,
