@@ -278,3 +278,13 @@ def test_two_processes_gather_once_and_match_one(model_folder, data, tmp_path):
     two = (tmp_path / "two" / "predictions-captioning-1shot-trial0.jsonl").read_text()
     one = (tmp_path / "one" / "predictions-captioning-1shot-trial0.jsonl").read_text()
     assert two == one
+
+
+def test_dtype_and_device_are_applied(model_folder, data, tmp_path):
+    report = evaluate(
+        str(model_folder), task="vqa", data=data["vqa_tsv"], limit=1, num_beams=1, dtype="bfloat16", device="cpu",
+        output_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    assert (report["dtype"], report["device"]) == ("bfloat16", "cpu")
+    with pytest.raises(ValueError, match="--dtype"):
+        evaluate(str(model_folder), task="vqa", data=data["vqa_tsv"], dtype="fp8", output_dir=tmp_path, progress=False)
