@@ -104,6 +104,7 @@ def test_loaders_read_every_layout(data):
     assert vqa[2]["image"].endswith("COCO_val2014_000000000002.jpg") and len(vqa[2]["answers"]) == 10
     assert load_vqa(data["textvqa"], image_root=data["root"] / "images")[3]["image"].endswith("000000000003.jpg")
     assert load_vqa(data["vizwiz"], image_root=data["root"] / "images")[0]["answers"] == ["x"] * 10
+    assert load_vqa(data["vizwiz"], image_root=data["root"] / "images")[0]["layout"] == "vizwiz"
     assert load_vqa(data["vqa_tsv"])[0]["answers"] == ["빨간색", "빨강", "빨간색"]
     labels = load_classification(data["labels"], ["cat", "dog", "red car"])
     assert [s["class_name"] for s in labels[:3]] == ["cat", "dog", "red car"]  # "2" is an index
@@ -286,5 +287,11 @@ def test_dtype_and_device_are_applied(model_folder, data, tmp_path):
         output_dir=tmp_path, progress=False,
     )  # fmt: skip
     assert (report["dtype"], report["device"]) == ("bfloat16", "cpu")
+    assert report["decoding"]["max_new_tokens"] == 5
+    textvqa = evaluate(
+        str(model_folder), task="vqa", data=data["textvqa"], image_root=data["root"] / "images", limit=1, num_beams=1,
+        output_dir=tmp_path / "textvqa", progress=False,
+    )  # fmt: skip
+    assert textvqa["decoding"]["max_new_tokens"] == 10  # OpenFlamingo's for TextVQA and VizWiz
     with pytest.raises(ValueError, match="--dtype"):
         evaluate(str(model_folder), task="vqa", data=data["vqa_tsv"], dtype="fp8", output_dir=tmp_path, progress=False)

@@ -3,7 +3,7 @@
 - captioning: {"id", "image", "captions": [...]} from a Karpathy-split JSON (COCO, Flickr30K:
   images with "filename" (and "filepath"), "split", "sentences"[{"raw"}]) or a TSV/CSV/JSONL table
   of image, caption (rows of one image are grouped; a JSONL row may carry a "captions" list).
-- vqa: {"id", "image", "question", "answers": [...]} from VQAv2 / OK-VQA questions + annotations
+- vqa: {"id", "image", "question", "answers": [...]} (+ "layout" for TextVQA and VizWiz) from VQAv2 / OK-VQA questions + annotations
   JSON, TextVQA ({"data": [...]}), VizWiz (a list of {"image", "question", "answers"}) or a table
   with image, question, answers ("|"-separated in TSV/CSV).
 - classification: {"id", "image", "class_name"} (+ "ocr" for Hateful-Memes-style rows with "text")
@@ -136,6 +136,7 @@ def load_vqa(path, annotations=None, image_root=None) -> list[dict]:
                 "image": _vqa_image(row["image"], index, root),
                 "question": row["question"],
                 "answers": _answers(row.get("answers", [])),
+                "layout": "vizwiz",
             }
             for row in data
         ]
@@ -146,6 +147,7 @@ def load_vqa(path, annotations=None, image_root=None) -> list[dict]:
                 "image": _vqa_image(row["image_id"], index, root),
                 "question": row["question"],
                 "answers": _answers(row.get("answers", [])),
+                "layout": "textvqa",
             }
             for row in data["data"]
         ]

@@ -13,7 +13,8 @@ The facts come from OpenFlamingo's evaluation (`open_flamingo/eval/evaluate.py` 
   joined with nothing; the query ends the prompt with the answer left blank (no `<|endofchunk|>`).
 - 0-shot: two demonstrations drawn as for 2 shots, with their `<image>` tags removed (text only),
   and no demonstration images.
-- decoding: 3 beams, length penalty 0, at most 20 new tokens for captions, 5 for VQA;
+- decoding: 3 beams, length penalty 0, at most 20 new tokens for captions, 5 for VQA (10 for
+  TextVQA and VizWiz);
   a generated caption is cut at "Output" and stripped of '"', an answer at
   "Question"/"Answer"/"Short" and then at ", ".
 
@@ -31,6 +32,8 @@ DECODING = {
     "captioning": {"num_beams": 3, "max_new_tokens": 20, "length_penalty": 0.0},
     "vqa": {"num_beams": 3, "max_new_tokens": 5, "length_penalty": 0.0},
 }
+LONG_ANSWER_LAYOUTS = ("textvqa", "vizwiz")  # OpenFlamingo gives their answers 10 new tokens
+LONG_ANSWER_MAX_NEW_TOKENS = 10
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 
 from .datasets import TASKS, load_class_names, load_task_data
 from .metrics import captioning_scores, classification_scores, vqa_scores
-from .prompts import DECODING, PROMPT_FORMATS, ZERO_SHOT_TEXT_DEMONSTRATIONS, build_prompt, postprocess
+from .prompts import (
+    DECODING,
+    LONG_ANSWER_LAYOUTS,
+    LONG_ANSWER_MAX_NEW_TOKENS,
+    PROMPT_FORMATS,
+    ZERO_SHOT_TEXT_DEMONSTRATIONS,
+    build_prompt,
+    postprocess,
+)
 from .ranking import score_candidates
 from .rices import RICES
 
@@ -188,6 +196,8 @@ def evaluate(
     model, processor = load_model(model, dtype, device or state.device)
     templates = PROMPT_FORMATS[prompt_format]
     decoding = dict(DECODING.get(task, {}))
+    if task == "vqa" and queries[0].get("layout") in LONG_ANSWER_LAYOUTS:
+        decoding["max_new_tokens"] = LONG_ANSWER_MAX_NEW_TOKENS
     decoding.update(
         {k: v for k, v in {"num_beams": num_beams, "max_new_tokens": max_new_tokens}.items() if v is not None}
     )
