@@ -226,12 +226,14 @@ def test_cli_prints_results_and_writes_them(model_folder, data, tmp_path, capsys
             ["--task", "captioning", "--data", "{root}/captions.tsv", "--support", "{root}/one.tsv", "--shots", "4"],
             "support set has 1",
         ),
+        (["--task", "vqa", "--data", "{root}/textvqa_broken.json"], "has no 'question' field"),
     ],
 )
 def test_bad_data_is_one_line_error(model_folder, data, tmp_path, capsys, arguments, message):
     root = data["root"]
     (root / "empty.txt").write_text("\n")
     (root / "broken.tsv").write_text("image\tcaption\nimages/nowhere.png\tx\n")
+    (root / "textvqa_broken.json").write_text(json.dumps({"data": [{"question_id": 1, "image_id": 0}]}))
     (root / "one.tsv").write_text("image\tcaption\nimages/COCO_val2014_000000000000.jpg\tx\n")
     annotations = json.loads(data["vqa_annotations"].read_text())
     annotations["annotations"] = annotations["annotations"][:2]

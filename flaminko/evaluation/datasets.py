@@ -223,10 +223,16 @@ def load_classification(path, class_names, image_root=None) -> list[dict]:
 
 
 def load_task_data(task: str, path, *, annotations=None, class_names=None, image_root=None, split=None) -> list[dict]:
-    if task == "captioning":
-        return load_captioning(path, image_root, split)
-    if task == "vqa":
-        return load_vqa(path, annotations, image_root)
-    if task == "classification":
-        return load_classification(path, class_names, image_root)
-    raise ValueError(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    loaders = {
+        "captioning": lambda: load_captioning(path, image_root, split),
+        "vqa": lambda: load_vqa(path, annotations, image_root),
+        "classification": lambda: load_classification(path, class_names, image_root),
+    }
+    if task not in loaders:
+        raise ValueError(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    try:
+        return loaders[task]()
+    except KeyError as error:
+        raise ValueError(
+            f"{str(path)!r}: an entry has no {error.args[0]!r} field (the {task} layouts are listed in docs/evaluation.md)"
+        ) from None
