@@ -201,11 +201,12 @@ def evaluate(
     decoding.update(
         {k: v for k, v in {"num_beams": num_beams, "max_new_tokens": max_new_tokens}.items() if v is not None}
     )
-    finder = (
-        RICES(model, processor, support_set, cache_dir=rices_cache, progress=progress and state.is_main_process)
-        if rices
-        else None
-    )
+    finder = None
+    if rices:
+        with state.main_process_first():  # the main process writes the feature cache; the others read it
+            finder = RICES(
+                model, processor, support_set, cache_dir=rices_cache, progress=progress and state.is_main_process
+            )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
