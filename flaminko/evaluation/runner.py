@@ -65,13 +65,14 @@ def _read_records(paths) -> dict:
     return records
 
 
-def _demonstrations(query, index, support, shots, seed, rices_indices):
+def _demonstrations(query, support, shots, seed, retrieved):
+    """The query's demonstrations: `retrieved` (RICES, support indices) or drawn at random, seeded by
+    trial and query so that whichever process or resumed run draws them, they are the same."""
     count = shots if shots > 0 else (ZERO_SHOT_TEXT_DEMONSTRATIONS if support else 0)
     if count == 0:
         return []
-    if rices_indices is not None:
-        return [support[i] for i in rices_indices[index]]
-    # Seeded by trial and query: the same demonstrations whichever process or resumed run draws them.
+    if retrieved is not None:
+        return [support[i] for i in retrieved]
     return random.Random(f"{seed}:{json.dumps(query['id'])}").sample(support, count)
 
 
@@ -216,42 +217,31 @@ def evaluate(
             final = output_dir / f"predictions-{run}.jsonl"
             done = _read_records([final, *sorted(output_dir.glob(f"predictions-{run}.rank*.jsonl"))])
             state.wait_for_everyone()  # every process reads the same finished set before any appends
-            pending = [(i, q) for i, q in enumerate(queries) if json.dumps(q["id"]) not in done]
+            pending = [q for q in queries if json.dumps(q["id"]) not in done]
             new = []
             with state.split_between_processes(pending) as mine:
                 part = output_dir / f"predictions-{run}.rank{state.process_index}.jsonl"
-                bar = tqdm(total=len(pending), desc=f"{run}", disable=not (progress and state.is_main_process))
+                bar = tqdm(total=len(pending), desc=run, disable=not (progress and state.is_main_process))
                 with part.open("a", encoding="utf-8") as sink:
                     for start in range(0, len(mine), batch_size):
-                        chunk = mine[start : start + batch_size]
-                        batch = [q for _, q in chunk]
-                        effective = count if count > 0 else ZERO_SHOT_TEXT_DEMONSTRATIONS
-                        nearest = (
-                            finder.find([q["image"] for q in batch], effective) if finder and support_set else None
+                        batch = mine[start : start + batch_size]
+                        effective = count or ZERO_SHOT_TEXT_DEMONSTRATIONS
+                        retrieved = (
+                            finder.find([q["image"] for q in batch], effective) if finder else [None] * len(batch)
                         )
                         demos = [
-                            _demonstrations(q, i, support_set, count, seed + trial, nearest)
-                            for i, (_, q) in enumerate(chunk)
+                            _demonstrations(q, support_set, count, seed + trial, r) for q, r in zip(batch, retrieved)
                         ]
-                        texts, records = _predict(
-                            task,
-                            model,
-                            processor,
-                            batch,
-                            demos,
-                            templates,
-                            count,
-                            decoding,
-                            class_names,
-                            length_normalize,
-                        )
-                        for query, demo, text, record in zip(batch, demos, texts, records):
-                            record = {"id": query["id"], "image": query["image"], **record, "prompt": text}
+                        prompts, records = _predict(
+                            task, model, processor, batch, demos, templates, count, decoding, class_names, length_normalize
+                        )  # fmt: skip
+                        for query, demo, prompt, record in zip(batch, demos, prompts, records):
+                            record = {"id": query["id"], "image": query["image"], **record, "prompt": prompt}
                             record["demonstrations"] = [d["id"] for d in demo]
                             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                             new.append(record)
                         sink.flush()
-                        bar.update(len(chunk) * state.num_processes)
+                        bar.update(len(batch) * state.num_processes)
                 bar.close()
             gathered = gather_object(new) if state.num_processes > 1 else new
             if state.is_main_process:
