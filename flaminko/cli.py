@@ -62,6 +62,59 @@ def _convert(args):
     print(summary)
 
 
+def _add_eval(commands):
+    evaluate = commands.add_parser(
+        "eval", help="few-shot captioning (CIDEr, BLEU-4), VQA accuracy, classification by log-likelihood"
+    )
+
+    def option(name, **kwargs):  # OpenFlamingo's --snake_case names, and this CLI's --kebab-case too
+        names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+        evaluate.add_argument(*names, **kwargs)
+
+    option("--model", required=True, help="Flaminko folder or Hub id")
+    option("--task", required=True, choices=("captioning", "vqa", "classification"))
+    option("--data", required=True, help="queries: Karpathy JSON, VQA questions JSON, or TSV/CSV/JSONL")
+    option("--annotations", help="VQAv2 / OK-VQA annotations JSON of --data")
+    option("--support", help="support set the demonstrations come from (same formats)")
+    option("--support_annotations", help="VQAv2 / OK-VQA annotations JSON of --support")
+    option("--class_names", help="classification: class names, one a line, or a JSON list")
+    option("--image_root", help="folder of --data's images (default: the data file's folder)")
+    option("--support_image_root", help="folder of --support's images")
+    option("--split", default="test", help="Karpathy split of --data (default test)")
+    option("--support_split", default="train", help="Karpathy split of --support (default train, with restval)")
+    option("--shots", type=int, nargs="+", default=[0], help="e.g. --shots 0 4 8 16 32")
+    option("--trials", type=int, default=1, help="seeds per shot count (mean and std reported)")
+    option("--seed", type=int, default=42)
+    option("--rices", action="store_true", help="demonstrations by image similarity (RICES), not at random")
+    option("--rices_cache", help="folder caching the support set's RICES features")
+    option("--prompt_format", default="open_flamingo", choices=("open_flamingo", "plain"))
+    option("--num_beams", type=int, help="default 3 (OpenFlamingo's)")
+    option("--max_new_tokens", type=int, help="default 20 for captions, 5 for VQA")
+    option("--no_length_normalize", action="store_true", help="classification: sum, not mean, log-probs")
+    option("--caption_tokenizer", default="auto", choices=("auto", "ptb", "korean"))
+    option("--batch_size", type=int, default=8)
+    option("--limit", type=int, help="evaluate the first N queries only")
+    option("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    option("--device", help="e.g. cpu, cuda:0 (default: accelerate's device for this process)")
+    option("--out", default="flaminko-eval", help="folder for results.json and the predictions (resumed)")
+
+
+def _eval(args):
+    from .evaluation import evaluate
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "no_length_normalize")}
+    report = evaluate(args.model, **options, length_normalize=not args.no_length_normalize, output_dir=args.out)
+    if report is None:
+        return
+    for shots, metrics in report["metrics"].items():
+        values = ", ".join(
+            f"{name} {value['mean']:.2f} ± {value['std']:.2f}" if isinstance(value, dict) else f"{name} {value}"
+            for name, value in metrics.items()
+        )
+        print(f"{report['task']} {shots}-shot ({report['num_samples']} samples, {report['trials']} trials): {values}")
+    print(f"results: {args.out}/results.json")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="flaminko", description="Flaminko: a Hugging Face-native Flamingo.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +124,7 @@ def main(argv=None):
     demo.add_argument("--steps", type=int, help="Flaminko training steps (default 1500; the vision tower pretrains 2x)")
     demo.add_argument("--seed", type=int, default=0)
     _add_convert(commands)
+    _add_eval(commands)
     caption = commands.add_parser("caption", help="caption images with a Flaminko folder or Hub id")
     caption.add_argument("--model", required=True)
     caption.add_argument("images", nargs="+")
@@ -104,6 +158,8 @@ def main(argv=None):
             run_demo(out=args.out, steps=args.steps or DEMO_STEPS, seed=args.seed)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "eval":
+            _eval(args)
         elif args.command == "caption":
             from .inference import caption
 

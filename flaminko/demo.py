@@ -259,5 +259,30 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
         "steps": steps,
         "seed": seed,
     }
+    results.update(report_through_harness(model, processor, out))
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
     return results
+
+
+def report_through_harness(model, processor, out: Path) -> dict:
+    """The held-out accuracy and CIDEr as `flaminko eval` measures them (0-shot, the bare `<image>`
+    prompt the demo trains with, greedy); its results.json and predictions land in out/eval/."""
+    from .evaluation import evaluate
+
+    reported = {}
+    for split in ("test_seen", "test_unseen"):
+        try:
+            report = evaluate(
+                (model, processor), task="captioning", data=out / "data" / f"{split}.tsv", prompt_format="plain",
+                num_beams=1, max_new_tokens=8, batch_size=16, output_dir=out / "eval" / split, progress=False,
+            )  # fmt: skip
+        except ImportError as error:
+            print(f"flaminko eval skipped: {error}")
+            return {}
+        metrics = report["metrics"]["0"]
+        reported[f"eval_{split}"] = {name: metrics[name]["mean"] for name in ("exact match", "CIDEr")}
+        print(
+            f"flaminko eval, {split}: exact match {metrics['exact match']['mean']:.1f}%, "
+            f"CIDEr {metrics['CIDEr']['mean']:.1f} ({metrics['tokenizer']} tokenizer; 500 is every caption right)"
+        )
+    return reported

@@ -737,6 +737,45 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             model_kwargs["media_expansion"] = expand_size
         return input_ids, model_kwargs
 
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        media_key_values: tuple | None = None,
+        candidates_per_prompt: int = 1,
+        length_normalize: bool = False,
+    ) -> torch.FloatTensor:
+        """Log-likelihood of each row's candidate tokens (where `labels` != -100; labels aligned with
+        input_ids, as for training), summed or, with length_normalize, averaged: shape (rows,).
+
+        Rows come in groups of `candidates_per_prompt` consecutive rows (one prompt, several candidate
+        continuations) sharing one row of pixel_values or image_features, which are encoded, resampled
+        and projected to media keys/values once per group, in one forward. Right-pad the rows: the
+        candidates then sit at the same positions as in an unpadded forward of each.
+        """
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        if input_ids.shape[0] % candidates_per_prompt:
+            raise ValueError(f"{input_ids.shape[0]} rows do not split into groups of {candidates_per_prompt} candidates")
+        logits = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            media_expansion=candidates_per_prompt,
+            use_cache=False,
+        ).logits[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != -100
+        log_probs = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total = torch.where(scored, log_probs, 0.0).sum(-1)
+        return total / scored.sum(-1).clamp(min=1) if length_normalize else total
+
     def generate(self, inputs=None, *, vision_x=None, lang_x=None, **kwargs):
         """GenerationMixin.generate; also takes OpenFlamingo's vision_x (B, T_img, F, C, H, W) and lang_x."""
         if lang_x is not None:

@@ -110,3 +110,12 @@ def test_pipeline_through_remote_code_without_the_package(demo, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("'")
+
+
+def test_demo_reports_through_the_evaluation_harness(demo):
+    out, results = demo
+    # The harness sees the demo's own prompt and greedy decoding: the same captions, the same accuracy.
+    assert results["eval_test_seen"]["exact match"] == pytest.approx(100 * results["accuracy_seen_combinations"])
+    assert results["eval_test_unseen"]["exact match"] == pytest.approx(100 * results["accuracy_unseen_combinations"])
+    assert 0 < results["eval_test_seen"]["CIDEr"] <= 500
+    assert json.loads((out / "eval" / "test_unseen" / "results.json").read_text())["task"] == "captioning"

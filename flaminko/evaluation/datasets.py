@@ -1,0 +1,238 @@
+"""Evaluation data: each loader returns a list of samples, every image file checked up front.
+
+- captioning: {"id", "image", "captions": [...]} from a Karpathy-split JSON (COCO, Flickr30K:
+  images with "filename" (and "filepath"), "split", "sentences"[{"raw"}]) or a TSV/CSV/JSONL table
+  of image, caption (rows of one image are grouped; a JSONL row may carry a "captions" list).
+- vqa: {"id", "image", "question", "answers": [...]} (+ "layout" for TextVQA and VizWiz) from VQAv2 / OK-VQA questions + annotations
+  JSON, TextVQA ({"data": [...]}), VizWiz (a list of {"image", "question", "answers"}) or a table
+  with image, question, answers ("|"-separated in TSV/CSV).
+- classification: {"id", "image", "class_name"} (+ "ocr" for Hateful-Memes-style rows with "text")
+  from a table whose "label" is a class name or an index into the class names.
+
+Image paths are relative to `image_root` (default: the data file's folder).
+"""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from ..data import read_table
+
+TASKS = ("captioning", "vqa", "classification")
+
+
+def _read_json(path: Path):
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"Data file not found: {str(path)!r}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ValueError(f"Data file not found: {str(path)!r}")
+    try:
+        return read_table(path)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} has a line that is not JSON: {error}") from None
+
+
+def _column(row: dict, names: tuple, path: Path):
+    for name in names:
+        if row.get(name) not in (None, ""):
+            return row[name]
+    raise ValueError(f"{str(path)!r}: a row has no {' / '.join(names)} column: {row}")
+
+
+def check_images(samples: list[dict], source) -> list[dict]:
+    """Every sample's image file exists, or one error naming the missing ones."""
+    missing = [sample["image"] for sample in samples if not Path(sample["image"]).is_file()]
+    if missing:
+        shown = ", ".join(repr(str(path)) for path in missing[:3])
+        raise ValueError(
+            f"{len(missing)} of {len(samples)} image files of {str(source)!r} are missing ({shown}"
+            f"{', ...' if len(missing) > 3 else ''}): check the paths or --image_root"
+        )
+    if not samples:
+        raise ValueError(f"{str(source)!r} holds no samples")
+    return samples
+
+
+def load_captioning(path, image_root=None, split: str | None = None) -> list[dict]:
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    if path.suffix == ".json":
+        data = _read_json(path)
+        if not isinstance(data, dict) or "images" not in data:
+            raise ValueError(f"{str(path)!r} is not a Karpathy-split JSON (no 'images' list)")
+        samples = []
+        for entry in data["images"]:
+            if split is not None and entry.get("split") not in {split} | ({"restval"} if split == "train" else set()):
+                continue
+            captions = [sentence["raw"] for sentence in entry.get("sentences", [])]
+            if not captions:
+                raise ValueError(f"{str(path)!r}: image {entry.get('filename')!r} has no sentences")
+            key = entry.get("cocoid", entry.get("imgid", entry["filename"]))
+            samples.append(
+                {"id": key, "image": str(root / entry.get("filepath", "") / entry["filename"]), "captions": captions}
+            )
+        return check_images(samples, path)
+    grouped = defaultdict(list)
+    for row in _read_rows(path):
+        image = _column(row, ("image", "image_path", "file_name"), path)
+        captions = row.get("captions") or [_column(row, ("caption", "text"), path)]
+        grouped[image] += [captions] if isinstance(captions, str) else list(captions)
+    samples = [{"id": image, "image": str(root / image), "captions": captions} for image, captions in grouped.items()]
+    return check_images(samples, path)
+
+
+def _image_index(root: Path) -> dict:
+    """Image files by name, stem and trailing number, for VQA layouts that give only an image id."""
+    index = {}
+    if root.is_dir():
+        for file in root.iterdir():
+            index[file.name] = index[file.stem] = file
+            number = file.stem.rsplit("_", 1)[-1]
+            if number.isdigit():
+                index.setdefault(str(int(number)), file)
+    return index
+
+
+def _vqa_image(image_id, index: dict, root: Path) -> str:
+    found = index.get(str(image_id))
+    return str(found if found is not None else root / str(image_id))
+
+
+def _answers(value) -> list[str]:
+    if isinstance(value, str):
+        return [answer.strip() for answer in value.split("|")]
+    return [answer["answer"] if isinstance(answer, dict) else answer for answer in value]
+
+
+def load_vqa(path, annotations=None, image_root=None) -> list[dict]:
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    if path.suffix != ".json":
+        samples = []
+        for number, row in enumerate(_read_rows(path)):
+            samples.append(
+                {
+                    "id": row.get("question_id", number),
+                    "image": str(root / _column(row, ("image", "image_path"), path)),
+                    "question": _column(row, ("question",), path),
+                    "answers": _answers(_column(row, ("answers", "answer"), path)),
+                }
+            )
+        return check_images(samples, path)
+    data = _read_json(path)
+    index = _image_index(root)
+    if isinstance(data, list):  # VizWiz: one list of image, question, answers
+        samples = [
+            {
+                "id": row.get("question_id", row["image"]),
+                "image": _vqa_image(row["image"], index, root),
+                "question": row["question"],
+                "answers": _answers(row.get("answers", [])),
+                "layout": "vizwiz",
+            }
+            for row in data
+        ]
+    elif "data" in data:  # TextVQA
+        samples = [
+            {
+                "id": row["question_id"],
+                "image": _vqa_image(row["image_id"], index, root),
+                "question": row["question"],
+                "answers": _answers(row.get("answers", [])),
+                "layout": "textvqa",
+            }
+            for row in data["data"]
+        ]
+    elif "questions" in data:  # VQAv2 / OK-VQA
+        if annotations is None:
+            raise ValueError(f"{str(path)!r} holds VQAv2-style questions: pass their annotations JSON too")
+        answers = {row["question_id"]: _answers(row["answers"]) for row in _read_json(Path(annotations))["annotations"]}
+        unanswered = [row["question_id"] for row in data["questions"] if row["question_id"] not in answers]
+        if unanswered:
+            raise ValueError(
+                f"{len(unanswered)} questions of {str(path)!r} have no annotation in {str(annotations)!r} "
+                f"(question ids {unanswered[:5]}): are they the same split?"
+            )
+        samples = [
+            {
+                "id": row["question_id"],
+                "image": _vqa_image(row["image_id"], index, root),
+                "question": row["question"],
+                "answers": answers[row["question_id"]],
+            }
+            for row in data["questions"]
+        ]
+    else:
+        raise ValueError(f"{str(path)!r} is not a VQAv2, OK-VQA, TextVQA or VizWiz file")
+    empty = [sample["id"] for sample in samples if not sample["answers"]]
+    if empty:
+        raise ValueError(f"{len(empty)} questions of {str(path)!r} have no answers (ids {empty[:5]})")
+    return check_images(samples, path)
+
+
+def load_class_names(path_or_names) -> list[str]:
+    """Class names from a list, a JSON list file, or a text file with one name a line."""
+    if isinstance(path_or_names, (list, tuple)):
+        names = list(path_or_names)
+    else:
+        path = Path(path_or_names)
+        if path.suffix == ".json":
+            names = _read_json(path)
+        elif path.is_file():
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            raise ValueError(f"Class names file not found: {str(path)!r}")
+    if not names:
+        raise ValueError("The class name list is empty: classification needs at least two class names")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"Classification needs at least two distinct class names; got {names[:10]}")
+    return [str(name) for name in names]
+
+
+def load_classification(path, class_names, image_root=None) -> list[dict]:
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    samples = []
+    for number, row in enumerate(_read_rows(path)):
+        label = _column(row, ("label", "class_name"), path)
+        if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and label not in class_names):
+            if not 0 <= int(label) < len(class_names):
+                raise ValueError(
+                    f"{str(path)!r}: label {label} is not an index into the {len(class_names)} class names"
+                )
+            label = class_names[int(label)]
+        if label not in class_names:
+            raise ValueError(f"{str(path)!r}: label {label!r} is not one of the class names {class_names[:10]}")
+        sample = {
+            "id": row.get("id", number),
+            "image": str(root / _column(row, ("image", "img"), path)),
+            "class_name": label,
+        }
+        if row.get("text") is not None:
+            sample["ocr"] = row["text"]
+        samples.append(sample)
+    return check_images(samples, path)
+
+
+def load_task_data(task: str, path, *, annotations=None, class_names=None, image_root=None, split=None) -> list[dict]:
+    loaders = {
+        "captioning": lambda: load_captioning(path, image_root, split),
+        "vqa": lambda: load_vqa(path, annotations, image_root),
+        "classification": lambda: load_classification(path, class_names, image_root),
+    }
+    if task not in loaders:
+        raise ValueError(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    try:
+        return loaders[task]()
+    except KeyError as error:
+        raise ValueError(
+            f"{str(path)!r}: an entry has no {error.args[0]!r} field (the {task} layouts are listed in docs/evaluation.md)"
+        ) from None

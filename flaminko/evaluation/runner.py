@@ -1,0 +1,294 @@
+"""`flaminko eval`: few-shot captioning, VQA and classification, OpenFlamingo's protocol.
+
+For each shot count and trial: every query gets its demonstrations (drawn at random from the
+support set, seeded by trial and query so that a resumed or multi-process run draws the same, or
+chosen by RICES), a prompt (`prompts.build_prompt`), and a generated answer (captioning, VQA) or a
+ranking of the class names by log-likelihood (classification). Predictions are appended to a JSONL
+file as they come, so an interrupted run resumes where it stopped; under `accelerate launch` or
+torchrun the queries are split between the processes and the predictions gathered once, on the
+main process, which scores them and writes `results.json`.
+"""
+
+import json
+import random
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from .datasets import TASKS, load_class_names, load_task_data
+from .metrics import captioning_scores, classification_scores, vqa_scores
+from .prompts import (
+    DECODING,
+    LONG_ANSWER_LAYOUTS,
+    LONG_ANSWER_MAX_NEW_TOKENS,
+    PROMPT_FORMATS,
+    ZERO_SHOT_TEXT_DEMONSTRATIONS,
+    build_prompt,
+    postprocess,
+)
+from .ranking import score_candidates
+from .rices import RICES
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model, dtype: str = "auto", device=None):
+    """A Flaminko folder or Hub id (or a model already loaded) and its processor, in eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype is one of {', '.join(DTYPES)}; got {dtype!r}")
+    if isinstance(model, (str, Path)):
+        processor = AutoProcessor.from_pretrained(model)
+        model = AutoModelForImageTextToText.from_pretrained(model, dtype=DTYPES[dtype])
+    else:
+        model, processor = model
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), processor
+
+
+def _read_records(paths) -> dict:
+    records = {}
+    for path in paths:
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    records[json.dumps(record["id"])] = record
+    return records
+
+
+def _demonstrations(query, support, shots, seed, retrieved):
+    """The query's demonstrations: `retrieved` (RICES, support indices) or drawn at random, seeded by
+    trial and query so that whichever process or resumed run draws them, they are the same."""
+    count = shots if shots > 0 else (ZERO_SHOT_TEXT_DEMONSTRATIONS if support else 0)
+    if count == 0:
+        return []
+    if retrieved is not None:
+        return [support[i] for i in retrieved]
+    return random.Random(f"{seed}:{json.dumps(query['id'])}").sample(support, count)
+
+
+def _predict(
+    task, model, processor, queries, demonstrations, prompt_format, shots, decoding, class_names, length_normalize
+):
+    prompts, images = zip(
+        *(build_prompt(task, q, demos, prompt_format, shots=shots) for q, demos in zip(queries, demonstrations))
+    )
+    if task == "classification":
+        scores = score_candidates(
+            model, processor, list(prompts), list(images), class_names, length_normalize=length_normalize
+        )
+        records = []
+        for query, row in zip(queries, scores):
+            order = row.argsort(descending=True).tolist()
+            probabilities = row.softmax(-1).tolist()
+            records.append(
+                {
+                    "label": query["class_name"],
+                    "ranking": [class_names[i] for i in order],
+                    "probabilities": {name: p for name, p in zip(class_names, probabilities)},
+                }
+            )
+        return prompts, records
+    batch = processor(text=list(prompts), images=list(images), padding_side="left").to(model.device)
+    output = model.generate(**batch, do_sample=False, **decoding)
+    texts = processor.batch_decode(output[:, batch["input_ids"].shape[1] :])
+    records = []
+    for query, text in zip(queries, texts):
+        record = {"prediction": postprocess(task, text, prompt_format), "generated": text}
+        record["references" if task == "captioning" else "answers"] = query[
+            "captions" if task == "captioning" else "answers"
+        ]
+        records.append(record)
+    return prompts, records
+
+
+def _score(task, records, class_names, caption_tokenizer):
+    if task == "captioning":
+        return captioning_scores(
+            {json.dumps(r["id"]): r["prediction"] for r in records},
+            {json.dumps(r["id"]): r["references"] for r in records},
+            caption_tokenizer,
+        )
+    if task == "vqa":
+        return vqa_scores(
+            {json.dumps(r["id"]): r["prediction"] for r in records},
+            {json.dumps(r["id"]): r["answers"] for r in records},
+        )
+    return classification_scores(records, class_names)
+
+
+def evaluate(
+    model,
+    *,
+    task: str,
+    data,
+    annotations=None,
+    support=None,
+    support_annotations=None,
+    class_names=None,
+    image_root=None,
+    support_image_root=None,
+    split: str | None = "test",
+    support_split: str | None = "train",
+    shots=(0,),
+    trials: int = 1,
+    seed: int = 42,
+    rices: bool = False,
+    rices_cache=None,
+    prompt_format: str = "open_flamingo",
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    length_normalize: bool = True,
+    caption_tokenizer: str = "auto",
+    batch_size: int = 8,
+    limit: int | None = None,
+    dtype: str = "auto",
+    device=None,
+    output_dir="flaminko-eval",
+    progress: bool = True,
+) -> dict | None:
+    """Evaluates `model` (a folder, a Hub id, or a (model, processor) pair); returns the results
+    (also written to `output_dir/results.json`) on the main process, None on the others."""
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"Unknown prompt format {prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}")
+    shots = sorted(set(int(count) for count in shots))
+    if any(count < 0 for count in shots) or trials < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise ValueError("--shots must be >= 0, and --trials, --batch_size and --limit >= 1")
+    if task == "classification":
+        if class_names is None:
+            raise ValueError("Classification needs the class names (--class_names FILE: one a line, or a JSON list)")
+        class_names = load_class_names(class_names)
+    data_split = split if str(data).endswith(".json") else None
+    queries = load_task_data(
+        task, data, annotations=annotations, class_names=class_names, image_root=image_root, split=data_split
+    )
+    queries = queries[:limit] if limit else queries
+    support_set = []
+    if support is not None:
+        support_set = load_task_data(
+            task, support, annotations=support_annotations, class_names=class_names, image_root=support_image_root,
+            split=support_split if str(support).endswith(".json") else None,
+        )  # fmt: skip
+    elif max(shots) > 0:
+        raise ValueError(f"{max(shots)} shots need a support set to draw demonstrations from (--support)")
+    needed = max(count or ZERO_SHOT_TEXT_DEMONSTRATIONS for count in shots)
+    if support_set and needed > len(support_set):
+        raise ValueError(
+            f"{needed} demonstrations per query (0-shot draws {ZERO_SHOT_TEXT_DEMONSTRATIONS} text-only ones) need "
+            f"{needed} support samples; the support set has {len(support_set)}"
+        )
+    if rices and not support_set:
+        raise ValueError("RICES retrieves demonstrations from the support set: pass --support")
+
+    # On CPU (asked for, or no GPU) accelerate joins the torchrun / accelerate processes over gloo.
+    state = PartialState(cpu=str(device).startswith("cpu") or not torch.cuda.is_available())
+    model, processor = load_model(model, dtype, device or state.device)
+    templates = PROMPT_FORMATS[prompt_format]
+    decoding = dict(DECODING.get(task, {}))
+    if task == "vqa" and queries[0].get("layout") in LONG_ANSWER_LAYOUTS:
+        decoding["max_new_tokens"] = LONG_ANSWER_MAX_NEW_TOKENS
+    decoding.update(
+        {k: v for k, v in {"num_beams": num_beams, "max_new_tokens": max_new_tokens}.items() if v is not None}
+    )
+    finder = None
+    if rices:
+        with state.main_process_first():  # the main process writes the feature cache; the others read it
+            finder = RICES(
+                model, processor, support_set, cache_dir=rices_cache, progress=progress and state.is_main_process
+            )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for count in shots:
+        for trial in range(trials):
+            run = f"{task}-{count}shot-trial{trial}"
+            final = output_dir / f"predictions-{run}.jsonl"
+            done = _read_records([final, *sorted(output_dir.glob(f"predictions-{run}.rank*.jsonl"))])
+            state.wait_for_everyone()  # every process reads the same finished set before any appends
+            pending = [q for q in queries if json.dumps(q["id"]) not in done]
+            new = []
+            with state.split_between_processes(pending) as mine:
+                part = output_dir / f"predictions-{run}.rank{state.process_index}.jsonl"
+                bar = tqdm(total=len(pending), desc=run, disable=not (progress and state.is_main_process))
+                with part.open("a", encoding="utf-8") as sink:
+                    for start in range(0, len(mine), batch_size):
+                        batch = mine[start : start + batch_size]
+                        effective = count or ZERO_SHOT_TEXT_DEMONSTRATIONS
+                        retrieved = (
+                            finder.find([q["image"] for q in batch], effective) if finder else [None] * len(batch)
+                        )
+                        demos = [
+                            _demonstrations(q, support_set, count, seed + trial, r) for q, r in zip(batch, retrieved)
+                        ]
+                        prompts, records = _predict(
+                            task, model, processor, batch, demos, templates, count, decoding, class_names, length_normalize
+                        )  # fmt: skip
+                        for query, demo, prompt, record in zip(batch, demos, prompts, records):
+                            record = {"id": query["id"], "image": query["image"], **record, "prompt": prompt}
+                            record["demonstrations"] = [d["id"] for d in demo]
+                            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                            new.append(record)
+                        sink.flush()
+                        bar.update(len(batch) * state.num_processes)
+                bar.close()
+            gathered = gather_object(new) if state.num_processes > 1 else new
+            if state.is_main_process:
+                merged = {**done, **{json.dumps(r["id"]): r for r in gathered}}
+                ordered = [merged[json.dumps(q["id"])] for q in queries]
+                final.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
+                for leftover in output_dir.glob(f"predictions-{run}.rank*.jsonl"):
+                    leftover.unlink()
+                results.setdefault(count, []).append(_score(task, ordered, class_names, caption_tokenizer))
+            state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    summary = {}
+    for count, trial_scores in results.items():
+        summary[str(count)] = {}
+        for metric, value in trial_scores[0].items():
+            values = [scores[metric] for scores in trial_scores]
+            if isinstance(value, str):
+                summary[str(count)][metric] = value
+            else:
+                summary[str(count)][metric] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.pstdev(values),
+                    "trials": values,
+                }
+    report = {
+        "task": task,
+        "model": str(getattr(model, "name_or_path", "")),
+        "data": str(data),
+        "annotations": str(annotations) if annotations else None,
+        "support": str(support) if support else None,
+        "num_samples": len(queries),
+        "shots": shots,
+        "trials": trials,
+        "seed": seed,
+        "demonstrations": "rices" if rices else "random",
+        "zero_shot": f"{ZERO_SHOT_TEXT_DEMONSTRATIONS} text-only demonstrations"
+        if support_set
+        else "no demonstrations",
+        "prompt_format": prompt_format,
+        "decoding": decoding if task != "classification" else {"length_normalize": length_normalize},
+        "metrics": summary,
+        "processes": state.num_processes,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - clock, 1),
+    }
+    (output_dir / "results.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return report
