@@ -273,6 +273,16 @@ class _KeepNewTokenRows:
         return grad * mask
 
 
+def _is_prompt(past_key_values) -> bool:
+    """Whether a call runs a prompt (nothing cached yet): the checks that read tensor values run
+    then, and never in a decoding step (under torch.compile every call counts as a decoding step)."""
+    if past_key_values is None:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return past_key_values.get_seq_length() == 0
+
+
 def decoder_layers_path(language_model: PreTrainedModel) -> str:
     """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
     model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
@@ -523,8 +533,28 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> latents (B, T_img, L, D_vision)."""
+        pixel_values = self._checked_pixel_values(pixel_values)
+        batch, num_images, num_frames, channels, height, width = pixel_values.shape
+        trainable = any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
+            patches = self.vision_model(pixel_values=flat).last_hidden_state
+            if self.config.vision_feature_post_layernorm:
+                patches = self.vision_model.vision_model.post_layernorm(patches)
+            if not self.config.vision_feature_include_cls:
+                patches = patches[:, 1:]
+        patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
+        return self.perceiver(patches)
+
+    def _checked_pixel_values(self, pixel_values) -> torch.Tensor:
+        """pixel_values as (B, T_img, F, C, H, W), or a ValueError/TypeError saying what was expected."""
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be a float tensor, got {pixel_values.dtype}: pass the images through the "
+                "processor, which rescales and normalises them"
+            )
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(2)
         if pixel_values.ndim != 6:
@@ -539,15 +569,74 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 f"pixel_values images are {channels}x{height}x{width} but the vision tower expects "
                 f"{vision.num_channels}x{vision.image_size}x{vision.image_size} (channels x height x width)"
             )
-        trainable = any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
-            # Before the post-layernorm, as OpenFlamingo and flamingo-mini read them.
-            patches = self.vision_model(pixel_values=flat).last_hidden_state
-            if not self.config.vision_feature_include_cls:
-                patches = patches[:, 1:]
-        patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
-        return self.perceiver(patches)
+        if 0 in (batch, num_images, num_frames):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} hold no image: give at least one image (and "
+                "frame) per sample, or leave pixel_values out for text-only input"
+            )
+        # The images are encoded once, on the prompt: this check never runs in a decoding step.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values: check the image decoding and normalisation")
+        return pixel_values
+
+    def _check_text_inputs(self, input_ids, attention_mask, labels, past_key_values):
+        """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
+        ids against the vocabulary. No tensor value is read during a decoding step."""
+        if input_ids is None:
+            raise ValueError("Flaminko needs input_ids: the <image> tokens in them place the images")
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
+                + (": for one sample use input_ids[None]" if input_ids.ndim == 1 else "")
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: there is no text to run")
+        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+            if tensor is not None and not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        prompt = _is_prompt(past_key_values)
+        if attention_mask is not None:
+            if attention_mask.ndim not in (2, 4) or attention_mask.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"attention_mask must have shape (batch, sequence) = {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if prompt and attention_mask.ndim == 2 and attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                    f"{tuple(input_ids.shape)}: they must match, one mask entry per token"
+                )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_ids.shape)}")
+        if prompt and not torch.compiler.is_compiling():
+            vocab = self.get_input_embeddings().weight.shape[0]
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary 0..{vocab - 1}: "
+                    "use the processor's tokenizer, whose special tokens the model's embeddings were resized for"
+                )
+
+    def _checked_image_features(self, image_features, input_ids, media_expansion, prompt: bool) -> torch.Tensor:
+        if not isinstance(image_features, torch.Tensor):
+            raise TypeError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}")
+        dim = self.config.vision_config.hidden_size
+        if (
+            image_features.ndim != 4
+            or image_features.shape[0] * media_expansion != input_ids.shape[0]
+            or image_features.shape[-1] != dim
+        ):
+            raise ValueError(
+                f"image_features must be (batch={input_ids.shape[0] // media_expansion}, images, latents, {dim}) "
+                f"as get_image_features returns them; got {tuple(image_features.shape)}"
+            )
+        if prompt and not torch.compiler.is_compiling() and not bool(torch.isfinite(image_features).all()):
+            raise ValueError("image_features contain NaN or infinite values")
+        return image_features
 
     def project_media(self, image_features: torch.Tensor) -> tuple:
         """The media keys and values of every gated block, in layer order."""
@@ -565,11 +654,6 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             return FlaminkoMedia({}), None
         if media_id is None:
             raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
-        if image_features.ndim != 4 or image_features.shape[0] * media_expansion != input_ids.shape[0]:
-            raise ValueError(
-                f"image_features must be (batch={input_ids.shape[0] // media_expansion}, images, latents, dim); "
-                f"got {tuple(image_features.shape)}"
-            )
         if past_length > 0 and past_image_token_count is None:
             raise ValueError(
                 "Decoding with past_key_values and images needs past_image_token_count: pass the "
@@ -623,8 +707,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
             sequences share their prompt's images, which are encoded and projected once).
         """
-        if input_ids is None:
-            raise ValueError("Flaminko needs input_ids: the <image> tokens in them place the images")
+        self._check_text_inputs(input_ids, attention_mask, labels, past_key_values)
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("Flaminko takes input_ids, not inputs_embeds: the <image> tokens place the images")
         if pixel_values is not None and image_features is not None:
@@ -637,9 +720,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                     + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
                 )
             media_key_values = None
+        elif image_features is not None:
+            image_features = self._checked_image_features(
+                image_features, input_ids, media_expansion, _is_prompt(past_key_values)
+            )
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: there is no text to run")
         context = getattr(self.config.text_config, "max_position_embeddings", None)
         if context is not None and past_length + input_ids.shape[1] > context:
             raise ValueError(
@@ -747,6 +832,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             if kwargs.get("pixel_values") is not None:
                 raise ValueError("Pass vision_x or pixel_values, not both")
             kwargs["pixel_values"] = vision_x
+        # Checked here, once: GenerationMixin derives position ids and the cache from the prompt
+        # before the first forward, and would fail deep inside the LM on a malformed one.
+        prompt = kwargs.get("input_ids") if inputs is None else inputs
+        self._check_text_inputs(prompt, kwargs.get("attention_mask"), None, kwargs.get("past_key_values"))
         return super().generate(inputs, **kwargs)
 
 
