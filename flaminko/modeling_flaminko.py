@@ -445,6 +445,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             eoc_token_id=processor.end_of_chunk_token_id,
             **config_kwargs,
         )
+        if config.max_num_frames is not None:
+            processor.max_num_frames = config.max_num_frames
         model = cls(config, vision_model=vision_model, language_model=language_model)
         # Resized after construction, so that post_init never re-initialises the pretrained rows.
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
