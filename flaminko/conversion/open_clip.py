@@ -2,27 +2,9 @@
 
 import re
 
-import torch
 from transformers import CLIPVisionConfig
 
-_LAYER_PARTS = {
-    "ln_1": "layer_norm1",
-    "ln_2": "layer_norm2",
-    "attn.out_proj": "self_attn.out_proj",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
-_TOP_LEVEL = {
-    "conv1.weight": "embeddings.patch_embedding.weight",
-    "class_embedding": "embeddings.class_embedding",
-    "positional_embedding": "embeddings.position_embedding.weight",
-    "ln_pre.weight": "pre_layrnorm.weight",
-    "ln_pre.bias": "pre_layrnorm.bias",
-    "ln_post.weight": "post_layernorm.weight",
-    "ln_post.bias": "post_layernorm.bias",
-}
-# The projection to the joint text-image space: Flamingo reads the tokens before it.
-_UNUSED = ("proj",)
+from ..modeling_flaminko import open_clip_visual_to_hf
 
 
 def is_open_clip_visual(state_dict: dict) -> bool:
@@ -54,33 +36,6 @@ def open_clip_vision_config(state_dict: dict, hidden_act: str = "quick_gelu", he
         image_size=grid * patch,
         hidden_act=hidden_act,
     )
-
-
-def open_clip_visual_to_hf(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(CLIPVisionModel state dict with transformers 5 names, names it could not place). The
-    fused attention input projection is split into q, k and v."""
-    converted, unplaced = {}, []
-    for name, tensor in state_dict.items():
-        if name in _TOP_LEVEL:
-            converted[_TOP_LEVEL[name]] = tensor
-            continue
-        if name in _UNUSED:
-            continue
-        # nn.MultiheadAttention names its fused input projection in_proj_weight / in_proj_bias.
-        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)", name)
-        if match is None:
-            unplaced.append(name)
-            continue
-        index, part, kind = match.groups()
-        prefix = f"encoder.layers.{index}"
-        if part == "attn.in_proj":
-            for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                converted[f"{prefix}.self_attn.{projection}.{kind}"] = chunk
-        elif part in _LAYER_PARTS:
-            converted[f"{prefix}.{_LAYER_PARTS[part]}.{kind}"] = tensor
-        else:
-            unplaced.append(name)
-    return converted, unplaced
 
 
 def save_open_clip_visual_as_hf(path, folder, hidden_act: str = "quick_gelu") -> str:
