@@ -631,14 +631,24 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             processor.max_num_frames = config.max_num_frames
         model = cls(config, vision_model=vision_model, language_model=language_model)
         # Resized after construction, so that post_init never re-initialises the pretrained rows.
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+        original_rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > original_rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model._init_new_token_rows(original_rows)
             model.apply_freezing()
         language_model.config.pad_token_id = tokenizer.pad_token_id
         model._set_generation_defaults()
         if dtype is not None:
             model.to(dtype)
         return model, processor
+
+    def _init_new_token_rows(self, original_rows: int):
+        """The rows of the added tokens start at the mean of the pretrained rows (input and output
+        embeddings), a deterministic start that keeps their first logits ordinary."""
+        output = self.get_output_embeddings()
+        with torch.no_grad():
+            for weight in {self.get_input_embeddings().weight, *([output.weight] if output is not None else [])}:
+                weight[original_rows:] = weight[:original_rows].mean(0)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -914,7 +924,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            if self.language_model.is_gradient_checkpointing and self.training and not _HOOKS_OUTSIDE_CHECKPOINT:
+            checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.language_model))
+            if checkpointing and self.training and not _HOOKS_OUTSIDE_CHECKPOINT:
                 raise ValueError(
                     f"Gradient checkpointing of {self.config.text_config.model_type} layers needs transformers "
                     ">= 5.23: earlier versions recompute the layer hooks in backward, where this call's media are gone"

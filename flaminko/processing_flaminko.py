@@ -232,7 +232,9 @@ class FlaminkoProcessor(ProcessorMixin):
             image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.image_token_id = image_token_id
         self.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(end_of_chunk_token)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        # The default template is not set as the processor's chat_template: pipelines take one as a
+        # sign that plain prompts are second best, and plain `<image>` prompts are Flaminko's own form.
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -347,6 +349,11 @@ class FlaminkoProcessor(ProcessorMixin):
             pixel_values[index, : len(sample_media)] = pixels[start : start + len(sample_media)]
             start += len(sample_media)
         return pixel_values if lengths else pixel_values[:, :, 0]
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """ProcessorMixin's, with Flaminko's conversation template unless the processor or the call has another."""
+        chat_template = chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def batch_decode(self, *args, skip_special_tokens: bool = True, **kwargs):
         return self.tokenizer.batch_decode(*args, skip_special_tokens=skip_special_tokens, **kwargs)

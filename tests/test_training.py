@@ -136,7 +136,7 @@ def test_example_config_parses(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_gradient_checkpointing(backbones, caption_table, tmp_path, precision):
     trainer, final = run(
-        backbones, caption_table, tmp_path / precision, steps=4, gradient_checkpointing=True, eval_on_start=False,
+        backbones, caption_table, tmp_path / precision, steps=4, activation_checkpointing=True, eval_on_start=False,
         logging_steps=2, **{precision: True},
     )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
