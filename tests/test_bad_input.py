@@ -108,3 +108,42 @@ def test_unknown_or_unsupported_language_model_family(text_config, message):
 def test_vision_config_must_be_clip():
     with pytest.raises(ValueError, match="CLIP vision config"):
         FlaminkoConfig(vision_config={"model_type": "siglip_vision_model"})
+
+
+HOST_SYNCS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")
+
+
+def host_syncs(call) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        call()
+    return sum(event.count for event in profiler.key_averages() if event.key in HOST_SYNCS)
+
+
+def test_checks_add_no_host_sync_to_a_decoding_step(model_and_processor, batch):
+    """The boundary checks read tensor values on the prompt only: a cached decoding step of the model
+    syncs the host exactly as often as the bare language model's own step does."""
+    import copy
+
+    model, _ = model_and_processor
+    with torch.no_grad():
+        prompt = model(**batch, use_cache=True)
+        bare_prompt = model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+    step = prompt.logits[:, -1:].argmax(-1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(step)], dim=1)
+
+    def decode():
+        model(
+            input_ids=step, attention_mask=mask, past_key_values=copy.deepcopy(prompt.past_key_values),
+            image_features=prompt.image_features, media_key_values=prompt.media_key_values,
+            past_image_token_count=prompt.image_token_count,
+        )
+
+    def bare_decode():
+        model.language_model(input_ids=step, attention_mask=mask, past_key_values=copy.deepcopy(bare_prompt.past_key_values))
+
+    assert host_syncs(decode) == host_syncs(bare_decode)
+    assert host_syncs(lambda: model(**batch)) > host_syncs(
+        lambda: model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    )  # the prompt is checked: the profiler sees those reads
