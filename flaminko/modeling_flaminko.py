@@ -725,7 +725,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
             patches = self.vision_model(pixel_values=flat).last_hidden_state
             if self.config.vision_feature_post_layernorm:
-                patches = self.vision_model.vision_model.post_layernorm(patches)
+                # CLIPVisionModel nests its parts under .vision_model before transformers 5.23.
+                tower = getattr(self.vision_model, "vision_model", self.vision_model)
+                patches = tower.post_layernorm(patches)
             if not self.config.vision_feature_include_cls:
                 patches = patches[:, 1:]
         patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])

@@ -182,3 +182,19 @@ def test_openflaminko_checkpoint_loads_into_a_remote_code_model_without_the_pack
         before = fresh.eval()(**inputs).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
     assert not torch.allclose(before, expected)  # the checkpoint changed what the fresh model computes
+
+
+@pytest.mark.parametrize("convention", ["openflamingo", "open_clip-2.23"])
+def test_cli_converts_and_verifies_with_a_hugging_face_clip(backbones, tmp_path, capsys, convention):
+    from flaminko.cli import main
+
+    reference = trained_reference(backbones, "gpt_neox", 1, seed=5)
+    checkpoint = save_like_open_flamingo_training(reference, tmp_path / "run")
+    argv = ["convert", "open-flamingo", "--checkpoint", str(checkpoint), "--vision", str(backbones["vision"]),
+            "--lm", str(backbones["gpt_neox"]), "--init-missing-token-rows", "--vision-convention", convention,
+            "--verify", "--out", str(tmp_path / "out")]
+    main(argv)
+    printed = capsys.readouterr().out
+    assert "tensors mapped:" in printed and "bytes written:" in printed
+    difference = float(printed.split("max |logits diff| vs reference:")[1].split()[0])
+    assert difference <= 1e-4
