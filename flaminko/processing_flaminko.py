@@ -180,6 +180,32 @@ def _media_per_sample(media, counts: list[int], is_item, kind: str) -> list[list
     return per_sample
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_PART_TYPES = ("text", "image", "video")
+
+
+def _check_messages(messages):
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError(f"A conversation must be a non-empty list of messages, got {_describe(messages)}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or "content" not in message:
+            raise ValueError(
+                f"Message {index} must be a dict with a role in {CHAT_ROLES} and a content, got {message!r}"
+            )
+        content = message["content"]
+        if isinstance(content, str):
+            continue
+        parts = content if isinstance(content, (list, tuple)) else [content]
+        for part in parts:
+            if not isinstance(part, dict) or part.get("type") not in CHAT_PART_TYPES:
+                raise ValueError(
+                    f"Message {index} has a content part {part!r}: expected a string, or parts "
+                    f"{{'type': one of {CHAT_PART_TYPES}, ...}}"
+                )
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"Message {index} has a text part without a 'text' string: {part!r}")
+
+
 def _given(media) -> bool:
     return media is not None and not (isinstance(media, (list, tuple)) and len(media) == 0)
 
@@ -351,7 +377,11 @@ class FlaminkoProcessor(ProcessorMixin):
         return pixel_values if lengths else pixel_values[:, :, 0]
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        """ProcessorMixin's, with Flaminko's conversation template unless the processor or the call has another."""
+        """ProcessorMixin's, with Flaminko's conversation template unless the processor or the call has
+        another; the messages are checked first (roles, content parts), so a malformed one is named."""
+        conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+        for messages in conversations:
+            _check_messages(messages)
         chat_template = chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
