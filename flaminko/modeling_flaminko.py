@@ -11,6 +11,7 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 """
 
 import contextvars
+import os
 import re
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from packaging import version
 from torch import nn
 import transformers.initialization as init
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
@@ -272,6 +274,16 @@ class _KeepNewTokenRows:
         mask = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
         mask[rows] = 1
         return grad * mask
+
+
+def _check_local_path(name_or_path, argument: str):
+    """A folder path that does not exist is named as such (transformers would read it as a malformed Hub id)."""
+    if name_or_path is None:
+        return
+    text = os.fspath(name_or_path)
+    looks_local = isinstance(name_or_path, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        raise ValueError(f"{argument}: the folder {text!r} does not exist")
 
 
 def _is_prompt(past_key_values) -> bool:
@@ -610,6 +622,14 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         The tokenizer comes from the LM unless tokenizer_name_or_path is given; config_kwargs go to
         FlaminkoConfig (e.g. cross_attn_every_n_layers=4).
         """
+        _check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
+        _check_local_path(language_model_name_or_path, "language_model_name_or_path")
+        vision_type = AutoConfig.from_pretrained(vision_model_name_or_path).model_type
+        if vision_type not in ("clip", "clip_vision_model"):
+            raise ValueError(
+                f"{str(vision_model_name_or_path)!r} holds a {vision_type} model, not a CLIP vision tower: "
+                "Flaminko's vision tower is a CLIPVisionModel"
+            )
         vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
         language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
@@ -651,8 +671,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 weight[original_rows:] = weight[:original_rows].mean(0)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Loading materialises fresh parameters, which forget requires_grad.
         model.apply_freezing()
         return model

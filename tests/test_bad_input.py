@@ -273,3 +273,34 @@ def test_chat_template_names_malformed_messages(model_and_processor, messages, m
     _, processor = model_and_processor
     with pytest.raises((ValueError, TypeError), match=message):
         processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_loading_names_missing_folders_and_wrong_backbones(backbones, tmp_path):
+    from flaminko import FlaminkoForConditionalGeneration
+
+    with pytest.raises(ValueError, match="vision_model_name_or_path: the folder .*nope.* does not exist"):
+        FlaminkoForConditionalGeneration.from_backbones(tmp_path / "nope", backbones["gpt_neox"])
+    with pytest.raises(ValueError, match="language_model_name_or_path: the folder .* does not exist"):
+        FlaminkoForConditionalGeneration.from_backbones(backbones["vision"], str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="holds a gpt_neox model, not a CLIP vision tower"):
+        FlaminkoForConditionalGeneration.from_backbones(backbones["gpt_neox"], backbones["gpt_neox"])
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        FlaminkoForConditionalGeneration.from_backbones(backbones["vision"], backbones["vision"])
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path: the folder .* does not exist"):
+        FlaminkoForConditionalGeneration.from_pretrained(tmp_path / "nope")
+
+
+def test_data_loaders_name_missing_and_broken_files(tmp_path):
+    from flaminko.data import CaptionTable, InterleavedDocuments
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"caption": "빨간색", "image": "a.png"}\n{oops\n', encoding="utf-8")
+    for loader in (CaptionTable, InterleavedDocuments):
+        with pytest.raises(ValueError, match="nope.* does not exist"):
+            loader(tmp_path / "nope.jsonl")
+        with pytest.raises(ValueError, match="broken.jsonl' line 2 is not JSON"):
+            loader(broken)
+    with pytest.raises(ValueError, match="nope.tsv' does not exist"):
+        CaptionTable(tmp_path / "nope.tsv")
+    with pytest.raises(ValueError, match=r"\.tsv, \.csv or \.jsonl"):
+        CaptionTable(tmp_path / "table.xlsx")
