@@ -304,3 +304,14 @@ def test_data_loaders_name_missing_and_broken_files(tmp_path):
         CaptionTable(tmp_path / "nope.tsv")
     with pytest.raises(ValueError, match=r"\.tsv, \.csv or \.jsonl"):
         CaptionTable(tmp_path / "table.xlsx")
+
+
+def test_collator_names_a_batch_whose_every_image_is_unreadable(model_and_processor, tmp_path):
+    from flaminko.data import FlaminkoCollator
+
+    _, processor = model_and_processor
+    (tmp_path / "bad.png").write_bytes(b"hello")
+    collator = FlaminkoCollator(processor)
+    with pytest.raises(ValueError, match=r"Every sample of this batch had an unreadable image \(2 samples\)"):
+        collator([{"text": "<image>가", "images": [str(tmp_path / "bad.png")]}] * 2)
+    assert collator.skipped["unreadable image"] == 2
