@@ -111,3 +111,12 @@ def test_chat_template_places_videos(video_model):
     assert prompt == "User: <video><image>비교?\nAssistant:"
     batch = processor(text=prompt, images=[noise_image(1)], videos=[frames([2, 3])])
     assert batch["pixel_values"].shape == (1, 2, 2, 3, 32, 32)
+
+
+def test_readme_video_snippet(video_model):
+    model, processor = video_model
+    image_a, frames = noise_image(1), [noise_image(seed) for seed in range(40, 46)]
+    batch = processor(text="<image>사진<|endofchunk|><video>영상:", images=[image_a], videos=[frames])
+    out = model.generate(**batch, max_new_tokens=20)
+    assert batch["pixel_values"].shape == (1, 2, 4, 3, 32, 32)  # 6 frames sampled to max_num_frames=4
+    assert out.shape[0] == 1 and out.shape[1] > batch["input_ids"].shape[1]
