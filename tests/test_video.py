@@ -94,11 +94,11 @@ def test_max_num_frames_round_trips(video_model, tmp_path):
     from transformers import AutoProcessor
 
     _, processor = video_model
-    processor.max_num_frames = 2
+    original, processor.max_num_frames = processor.max_num_frames, 2
     try:
         processor.save_pretrained(tmp_path)
     finally:
-        processor.max_num_frames = 8
+        processor.max_num_frames = original
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert loaded.max_num_frames == 2
     assert loaded(text="<video>", videos=frames(range(5)))["pixel_values"].shape[2] == 2
