@@ -106,9 +106,11 @@ def _is_image(value) -> bool:
 
 
 def _is_frame(value) -> bool:
+    """A frame of a video given as a list: a one-frame PIL image, an array or a tensor (a path in a
+    list of videos names a video file)."""
     if isinstance(value, Image.Image):
         return getattr(value, "n_frames", 1) == 1
-    return _is_image(value) and not (hasattr(value, "ndim") and value.ndim == 4)
+    return not isinstance(value, (str, os.PathLike)) and _is_image(value) and not getattr(value, "ndim", 3) == 4
 
 
 def _is_video(value) -> bool:

@@ -42,6 +42,8 @@ def test_video_formats_give_the_same_pixels(video_model, tmp_path):
     video[0].save(path, save_all=True, append_images=video[1:], duration=40, loop=0)
     as_gif = processor(text="<video>", videos=Image.open(path))["pixel_values"]
     as_path = processor(text="<video>", videos=str(path))["pixel_values"]
+    two_files = processor(text="<video><video>", videos=[str(path), path])["pixel_values"]
+    assert two_files.shape == (1, 2, 3, 3, 32, 32) and torch.equal(two_files[0, 1], as_path[0, 0])
     assert as_list.shape == (1, 1, 3, 3, 32, 32)
     assert torch.equal(as_list, as_array) and torch.equal(as_list, as_tensor)
     # GIF frames are palette-quantised: equal to each other, close to the originals.
