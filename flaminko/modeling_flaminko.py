@@ -293,7 +293,9 @@ def _is_prompt(past_key_values) -> bool:
         return True
     if torch.compiler.is_compiling():
         return False
-    return past_key_values.get_seq_length() == 0
+    # A static cache counts its filled slots as a tensor once it holds tokens: only a prompt gets an int 0.
+    length = past_key_values.get_seq_length()
+    return isinstance(length, int) and length == 0
 
 
 def decoder_layers_path(language_model: PreTrainedModel) -> str:
@@ -787,7 +789,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError("pixel_values contain NaN or infinite values: check the image decoding and normalisation")
         return pixel_values
 
-    def _check_text_inputs(self, input_ids, attention_mask, labels, past_key_values):
+    def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool):
         """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
         ids against the vocabulary. No tensor value is read during a decoding step."""
         if input_ids is None:
@@ -806,7 +808,6 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
             if tensor is not None and not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        prompt = _is_prompt(past_key_values)
         if attention_mask is not None:
             if attention_mask.ndim not in (2, 4) or attention_mask.shape[0] != input_ids.shape[0]:
                 raise ValueError(
@@ -851,18 +852,18 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         return tuple(block.attn.project_media(image_features) for block in self.cross_attn_layers.values())
 
     def _build_media(
-        self, input_ids, image_features, media_key_values, past_image_token_count, past_length, media_expansion
+        self, input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion
     ):
         media_id = self.config.media_token_id
         if image_features is None:
-            if media_id is not None and past_length == 0 and bool((input_ids == media_id).any()):
+            if media_id is not None and prompt and bool((input_ids == media_id).any()):
                 raise ValueError(
                     "input_ids contain <image> tokens but neither pixel_values nor image_features were given"
                 )
             return FlaminkoMedia({}), None
         if media_id is None:
             raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
-        if past_length > 0 and past_image_token_count is None:
+        if not prompt and past_image_token_count is None:
             raise ValueError(
                 "Decoding with past_key_values and images needs past_image_token_count: pass the "
                 "image_token_count of the previous call's output"
@@ -870,7 +871,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         positions = media_positions(input_ids, media_id, past_image_token_count)
         num_images = image_features.shape[1]
         # Checked on the prompt only: a check per decoding step would stall the GPU on a sync.
-        most = int(positions[:, -1].max()) if past_length == 0 and positions.numel() else 0
+        most = int(positions[:, -1].max()) if prompt and positions.numel() else 0
         if most > num_images:
             raise ValueError(
                 f"A sample has {most} <image> tokens but only {num_images} images were given per sample"
@@ -915,7 +916,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
             sequences share their prompt's images, which are encoded and projected once).
         """
-        self._check_text_inputs(input_ids, attention_mask, labels, past_key_values)
+        prompt = _is_prompt(past_key_values)
+        self._check_text_inputs(input_ids, attention_mask, labels, prompt)
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("Flaminko takes input_ids, not inputs_embeds: the <image> tokens place the images")
         if pixel_values is not None and image_features is not None:
@@ -929,18 +931,17 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 )
             media_key_values = None
         elif image_features is not None:
-            image_features = self._checked_image_features(
-                image_features, input_ids, media_expansion, _is_prompt(past_key_values)
-            )
+            image_features = self._checked_image_features(image_features, input_ids, media_expansion, prompt)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         context = getattr(self.config.text_config, "max_position_embeddings", None)
-        if context is not None and past_length + input_ids.shape[1] > context:
+        # (A static cache's length is a tensor: its size bounds the context itself.)
+        if context is not None and isinstance(past_length, int) and past_length + input_ids.shape[1] > context:
             raise ValueError(
                 f"{past_length + input_ids.shape[1]} tokens exceed the language model's context of {context}: "
                 "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
             )
         media, media_key_values = self._build_media(
-            input_ids, image_features, media_key_values, past_image_token_count, past_length, media_expansion
+            input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion
         )
         self._restrict_embedding_gradients()
         kwargs.pop("return_dict", None)
@@ -1043,8 +1044,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             kwargs["pixel_values"] = vision_x
         # Checked here, once: GenerationMixin derives position ids and the cache from the prompt
         # before the first forward, and would fail deep inside the LM on a malformed one.
-        prompt = kwargs.get("input_ids") if inputs is None else inputs
-        self._check_text_inputs(prompt, kwargs.get("attention_mask"), None, kwargs.get("past_key_values"))
+        prompt_ids = kwargs.get("input_ids") if inputs is None else inputs
+        self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(kwargs.get("past_key_values")))
         return super().generate(inputs, **kwargs)
 
 
