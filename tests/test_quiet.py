@@ -48,9 +48,13 @@ def test_pipeline_with_a_plain_prompt_does_not_ask_for_a_chat(model_and_processo
     with transformers_log() as logged:
         pipe(images=solid("red"), text="<image>Output:", max_new_tokens=2)
     assert [r.getMessage() for r in logged if r.levelno >= logging.WARNING] == []
+    # The conversation template still applies, through the pipeline too, without being advertised.
+    assert pipe.processor.chat_template is None
     chat = [{"role": "user", "content": [{"type": "image", "image": solid("red")}, {"type": "text", "text": "색?"}]}]
-    answer = pipe(text=chat, max_new_tokens=2)
-    assert answer[0]["input_text"][-1]["role"] == "assistant" or "generated_text" in answer[0]
+    assert pipe.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == "User: <image>색?\nAssistant:"
+    with transformers_log() as logged:
+        pipe(text=chat, max_new_tokens=2)
+    assert [r.getMessage() for r in logged if r.levelno >= logging.WARNING] == []
 
 
 def test_a_cpu_training_run_warns_nothing(backbones, caption_table, tmp_path):  # noqa: F811

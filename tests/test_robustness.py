@@ -241,7 +241,7 @@ KILLABLE = textwrap.dedent(
         def on_step_end(self, args, state, control, **kwargs):
             # The steps this process ran, so the test can tell a resumed run from a fresh one.
             with open(f"{out}/steps-run-by-resume-{resume}.txt", "a") as steps:
-                steps.write(f"{state.global_step}\n")
+                steps.write(f"{state.global_step}\\n")
             time.sleep(float(slow))
 
     init = training.FlaminkoTrainer.__init__
