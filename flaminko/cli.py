@@ -1,7 +1,6 @@
 """The `flaminko` command: one subcommand per job."""
 
 import argparse
-import os
 import sys
 
 
@@ -24,6 +23,13 @@ def _add_convert(commands):
         action="store_true",
         help="allow new-token embedding rows the checkpoint lacks (e.g. LLaMA lm_head); set them to the mean row",
     )
+    open_flamingo.add_argument(
+        "--vision-convention",
+        choices=("openflamingo", "open_clip-2.23", "open_clip-2.29"),
+        default="openflamingo",
+        help="how the checkpoint's training read the patch tokens: the open_clip version it ran with "
+        "(openflamingo: before 2.23, OpenFlamingo's released models; see docs/conversion.md)",
+    )
     open_flamingo.add_argument("--verify", action="store_true", help="compare with OpenFlamingo's own code")
     open_flamingo.add_argument("--out", required=True)
 
@@ -35,29 +41,23 @@ def _add_convert(commands):
 
 
 def _convert(args):
-    import tempfile
-
     from .conversion.flamingo_mini import convert_flamingo_mini
-    from .conversion.open_clip import save_open_clip_visual_as_hf
     from .conversion.open_flamingo import convert_open_flamingo
 
     if args.source == "flamingo-mini":
         summary = convert_flamingo_mini(args.checkpoint, args.out, vision=args.vision, language_model=args.lm)
     else:
-        with tempfile.TemporaryDirectory() as scratch:
-            vision = args.vision
-            if os.path.isfile(vision):
-                vision = save_open_clip_visual_as_hf(vision, os.path.join(scratch, "vision"))
-            summary = convert_open_flamingo(
-                args.checkpoint,
-                vision,
-                args.lm,
-                args.out,
-                cross_attn_every_n_layers=args.cross_attn_every_n_layers,
-                tokenizer=args.tokenizer,
-                init_missing_token_rows=args.init_missing_token_rows,
-                verify=args.verify,
-            )
+        summary = convert_open_flamingo(
+            args.checkpoint,
+            args.vision,
+            args.lm,
+            args.out,
+            cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+            tokenizer=args.tokenizer,
+            init_missing_token_rows=args.init_missing_token_rows,
+            convention=args.vision_convention,
+            verify=args.verify,
+        )
     print(f"Flaminko folder written to {args.out}")
     print(summary)
 

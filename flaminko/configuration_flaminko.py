@@ -54,6 +54,12 @@ def _as_config(value, default: dict, name: str) -> PreTrainedConfig:
     return CONFIG_MAPPING[model_type](**value)
 
 
+def _check_positive_ints(**settings):
+    for name, value in settings.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 class FlaminkoConfig(PreTrainedConfig):
     r"""Configuration of [`FlaminkoForConditionalGeneration`].
 
@@ -87,9 +93,13 @@ class FlaminkoConfig(PreTrainedConfig):
         cross_attn_ff_act: str = "gelu",
         # True: a token sees only the latest image before it; False: every image before it.
         only_attend_immediate_media: bool = True,
-        # The resampler reads the vision tower's last hidden states before the post-layernorm: the
-        # patch tokens (OpenFlamingo), or with the CLS token too (flamingo-mini).
+        # The resampler reads the vision tower's last hidden states: the patch tokens (OpenFlamingo),
+        # or with the CLS token too (flamingo-mini).
         vision_feature_include_cls: bool = False,
+        # False: the tokens before CLIP's post-layernorm, as OpenFlamingo's released models were
+        # trained (open_clip < 2.23). True: after it, as open_clip >= 2.23 returns them; a checkpoint
+        # trained under such an open_clip needs it (docs/conversion.md tells how to find out).
+        vision_feature_post_layernorm: bool = False,
         # Perceiver resampler over those tokens (width = vision hidden size).
         perceiver_depth: int = 6,
         perceiver_heads: int = 8,
@@ -114,13 +124,40 @@ class FlaminkoConfig(PreTrainedConfig):
         text_config = _as_config(text_config, DEFAULT_TEXT_CONFIG, "text_config")
         if not isinstance(vision_config, CLIPVisionConfig):
             raise ValueError(f"vision_config must be a CLIP vision config, got {type(vision_config).__name__}")
-        if cross_attn_every_n_layers < 1:
-            raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {cross_attn_every_n_layers}")
+        _check_positive_ints(
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            cross_attn_heads=cross_attn_heads,
+            cross_attn_dim_head=cross_attn_dim_head,
+            cross_attn_ff_mult=cross_attn_ff_mult,
+            perceiver_depth=perceiver_depth,
+            perceiver_heads=perceiver_heads,
+            perceiver_dim_head=perceiver_dim_head,
+            perceiver_num_latents=perceiver_num_latents,
+            perceiver_ff_mult=perceiver_ff_mult,
+        )
+        if max_num_frames is not None:
+            _check_positive_ints(max_num_frames=max_num_frames)
         num_layers = text_config.num_hidden_layers
-        if cross_attn_layers is not None and any(not 0 <= i < num_layers for i in cross_attn_layers):
-            raise ValueError(f"cross_attn_layers must lie in 0..{num_layers - 1}, got {list(cross_attn_layers)}")
-        if max_num_frames is not None and max_num_frames < 1:
-            raise ValueError(f"max_num_frames must be None or >= 1, got {max_num_frames}")
+        if cross_attn_layers is not None:
+            if isinstance(cross_attn_layers, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in cross_attn_layers
+            ):
+                raise TypeError(f"cross_attn_layers must be a list of decoder-layer indices, got {cross_attn_layers!r}")
+            if not cross_attn_layers:
+                raise ValueError("cross_attn_layers is empty: the model would have no gated block and ignore every image")
+            if any(not 0 <= i < num_layers for i in cross_attn_layers):
+                raise ValueError(
+                    f"cross_attn_layers must lie in 0..{num_layers - 1} (the language model has {num_layers} "
+                    f"layers), got {list(cross_attn_layers)}"
+                )
+        elif cross_attn_every_n_layers > num_layers:
+            raise ValueError(
+                f"cross_attn_every_n_layers={cross_attn_every_n_layers} places no gated cross-attention block in a "
+                f"language model of {num_layers} layers, so the model would ignore every image: use 1..{num_layers}"
+            )
+        for name, value in (("media_token_id", media_token_id), ("eoc_token_id", eoc_token_id)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be None or a token id (an int >= 0), got {value!r}")
         self.cross_attn_every_n_layers = cross_attn_every_n_layers
         self.cross_attn_layers = list(cross_attn_layers) if cross_attn_layers is not None else None
         self.cross_attn_heads = cross_attn_heads
@@ -129,6 +166,7 @@ class FlaminkoConfig(PreTrainedConfig):
         self.cross_attn_ff_act = cross_attn_ff_act
         self.only_attend_immediate_media = only_attend_immediate_media
         self.vision_feature_include_cls = vision_feature_include_cls
+        self.vision_feature_post_layernorm = vision_feature_post_layernorm
         self.perceiver_depth = perceiver_depth
         self.perceiver_heads = perceiver_heads
         self.perceiver_dim_head = perceiver_dim_head

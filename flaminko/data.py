@@ -54,13 +54,33 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file; a missing file or a broken line is named."""
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist or is not a file")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{str(path)!r} line {number} is not JSON: {error}") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{str(path)!r} line {number} is not a JSON object")
+            records.append(record)
+    return records
+
+
 def read_table(path: Path) -> list[dict]:
     """Rows of a .tsv, .csv or .jsonl file."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            return [json.loads(line) for line in lines if line.strip()]
+        return read_jsonl(path)
     if path.suffix not in (".tsv", ".csv"):
         raise ValueError(f"Caption tables are .tsv, .csv or .jsonl files; got {str(path)!r}")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist or is not a file")
     with path.open(encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
 
@@ -154,9 +174,7 @@ class InterleavedDocuments(Dataset):
         path = Path(path)
         self.skipped = Counter()
         self.samples = []
-        with path.open(encoding="utf-8") as lines:
-            documents = [json.loads(line) for line in lines if line.strip()]
-        for document in documents:
+        for document in read_jsonl(path):
             sample = self._build(document, path.parent, max_images)
             if sample is not None:
                 self.samples.append(sample)

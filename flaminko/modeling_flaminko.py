@@ -11,6 +11,8 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 """
 
 import contextvars
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ from packaging import version
 from torch import nn
 import transformers.initialization as init
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
@@ -273,6 +276,28 @@ class _KeepNewTokenRows:
         return grad * mask
 
 
+def _check_local_path(name_or_path, argument: str):
+    """A folder path that does not exist is named as such (transformers would read it as a malformed Hub id)."""
+    if name_or_path is None:
+        return
+    text = os.fspath(name_or_path)
+    looks_local = isinstance(name_or_path, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        raise ValueError(f"{argument}: the folder {text!r} does not exist")
+
+
+def _is_prompt(past_key_values) -> bool:
+    """Whether a call runs a prompt (nothing cached yet): the checks that read tensor values run
+    then, and never in a decoding step (under torch.compile every call counts as a decoding step)."""
+    if past_key_values is None:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    # A static cache counts its filled slots as a tensor once it holds tokens: only a prompt gets an int 0.
+    length = past_key_values.get_seq_length()
+    return isinstance(length, int) and length == 0
+
+
 def decoder_layers_path(language_model: PreTrainedModel) -> str:
     """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
     model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
@@ -319,6 +344,187 @@ def media_attention_mask(
     mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
     mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[:, None], has_media[..., None]
+
+
+# OpenFlamingo's checkpoint layout. Kept here, below both the model's load_state_dict (which must
+# work as remote code, without the flaminko package) and flaminko.conversion, which both use it.
+
+# Wrappers that training code puts in front of parameter names (DDP, FSDP, activation checkpointing, torch.compile).
+WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_FEED_FORWARD_PARTS = {"0": "norm", "1": "up_proj", "3": "down_proj"}
+# transformers 4.x names (as in OpenFlamingo checkpoints) -> the in-memory names of transformers 5.
+_TRANSFORMERS_4_NAMES = {"gpt_neox": {"embed_out.": "lm_head."}}
+_OPEN_CLIP_LAYER_PARTS = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_OPEN_CLIP_TOP_LEVEL = {
+    "conv1.weight": "embeddings.patch_embedding.weight",
+    "class_embedding": "embeddings.class_embedding",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_pre.weight": "pre_layrnorm.weight",
+    "ln_pre.bias": "pre_layrnorm.bias",
+    "ln_post.weight": "post_layernorm.weight",
+    "ln_post.bias": "post_layernorm.bias",
+}
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def open_clip_visual_to_hf(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """open_clip visual tower weights -> (CLIPVisionModel state dict with transformers 5 names, names
+    with no place). The fused attention input projection is split into q, k and v; `proj` (to the
+    joint text-image space) is dropped: Flamingo reads the tokens before it."""
+    converted, unplaced = {}, []
+    for name, tensor in state_dict.items():
+        if name in _OPEN_CLIP_TOP_LEVEL:
+            converted[_OPEN_CLIP_TOP_LEVEL[name]] = tensor
+            continue
+        if name == "proj":
+            continue
+        # nn.MultiheadAttention names its fused input projection in_proj_weight / in_proj_bias.
+        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)", name)
+        if match is None:
+            unplaced.append(name)
+            continue
+        index, part, kind = match.groups()
+        prefix = f"encoder.layers.{index}"
+        if part == "attn.in_proj":
+            for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                converted[f"{prefix}.self_attn.{projection}.{kind}"] = chunk
+        elif part in _OPEN_CLIP_LAYER_PARTS:
+            converted[f"{prefix}.{_OPEN_CLIP_LAYER_PARTS[part]}.{kind}"] = tensor
+        else:
+            unplaced.append(name)
+    return converted, unplaced
+
+
+def _block_part(rest: str) -> str:
+    feed_forward = re.fullmatch(r"ff\.(\d)\.(.+)", rest)
+    if feed_forward:
+        return f"ff.{_FEED_FORWARD_PARTS[feed_forward.group(1)]}.{feed_forward.group(2)}"
+    return rest
+
+
+def open_flamingo_key_to_flaminko(key: str, layers_path: str, lm_type: str) -> str | None:
+    """The Flaminko parameter an OpenFlamingo key (vision keys aside) fills, or None when it has no place."""
+    match = re.fullmatch(r"perceiver\.layers\.(\d+)\.0\.(.+)", key)
+    if match:
+        return f"perceiver.layers.{match.group(1)}.attention.{match.group(2)}"
+    match = re.fullmatch(r"perceiver\.layers\.(\d+)\.1\.([013])\.(.+)", key)
+    if match:
+        index, part, rest = match.groups()
+        return f"perceiver.layers.{index}.feed_forward.{_FEED_FORWARD_PARTS[part]}.{rest}"
+    if key in ("perceiver.latents", "perceiver.norm.weight", "perceiver.norm.bias"):
+        return key
+    if key == "perceiver.frame_embs":
+        return "perceiver.frame_embeddings"
+    match = re.fullmatch(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)", key) or re.fullmatch(
+        r"lang_encoder\..+\.(\d+)\.gated_cross_attn_layer\.(.+)", key
+    )
+    if match:
+        return f"cross_attn_layers.{match.group(1)}.{_block_part(match.group(2))}"
+    match = re.fullmatch(r"lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)", key) or re.fullmatch(
+        r"lang_encoder\..+\.(\d+)\.decoder_layer\.(.+)", key
+    )
+    if match:
+        return f"language_model.{layers_path}.{match.group(1)}.{match.group(2)}"
+    match = re.fullmatch(r"lang_encoder\.(.+)", key)
+    if match:
+        name = match.group(1)
+        for old, new in _TRANSFORMERS_4_NAMES.get(lm_type, {}).items():
+            if name.startswith(old):
+                name = new + name[len(old) :]
+        return f"language_model.{name}"
+    return None
+
+
+def is_open_flamingo_state_dict(state_dict) -> bool:
+    return any(strip_wrapper_prefixes(key).startswith("lang_encoder.") for key in state_dict)
+
+
+def place_open_flamingo_checkpoint(
+    model, checkpoint: dict, *, original_vocab_size: int, init_missing_token_rows: bool = False
+) -> tuple[int, list[str]]:
+    """Copy an OpenFlamingo state dict into `model` (built from the same backbones); returns (tensors
+    copied, notes on the rows set without the checkpoint).
+
+    Raises ValueError listing every checkpoint key without a place, every shape that does not
+    fit and every weight left unfilled. The one exception allowed on request: embedding rows of
+    the new tokens that the checkpoint never had (OpenFlamingo saves no LLaMA lm_head), which
+    are then set to the mean of the original rows.
+    """
+    checkpoint = {strip_wrapper_prefixes(key): tensor for key, tensor in checkpoint.items()}
+    layers_path = decoder_layers_path(model.language_model)
+    lm_type = model.config.text_config.model_type
+    names = {parameter: name for name, parameter in model.named_parameters()}
+    vision_keys = {k[len("vision_encoder.") :]: v for k, v in checkpoint.items() if k.startswith("vision_encoder.")}
+    mapped, unplaced = {}, []
+    if vision_keys:
+        converted, unknown = open_clip_visual_to_hf(vision_keys)
+        mapped.update({f"vision_model.{name}": (f"vision_encoder -> {name}", t) for name, t in converted.items()})
+        unplaced += [f"vision_encoder.{name}" for name in unknown]
+    for key, tensor in checkpoint.items():
+        if key.startswith("vision_encoder."):
+            continue
+        name = open_flamingo_key_to_flaminko(key, layers_path, lm_type)
+        if name is None:
+            unplaced.append(key)
+        elif name in mapped and not torch.equal(mapped[name][1], tensor):
+            raise ValueError(f"Checkpoint keys {mapped[name][0]!r} and {key!r} fill {name!r} with different values")
+        else:
+            mapped[name] = (key, tensor)
+
+    input_name = names[model.get_input_embeddings().weight]
+    if input_name in mapped and mapped[input_name][1].shape[0] != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(mapped[input_name][1].shape[0], mean_resizing=False)
+        model.apply_freezing()
+        names = {parameter: name for name, parameter in model.named_parameters()}
+    state = model.state_dict()
+    unplaced += [mapped[name][0] for name in mapped if name not in state]
+    misfits = [
+        f"{key} {tuple(tensor.shape)} -> {name} {tuple(state[name].shape)}"
+        for name, (key, tensor) in mapped.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
+    if unplaced or misfits:
+        raise ValueError(
+            "The checkpoint does not fit this model.\n"
+            + (f"Keys with no place ({len(unplaced)}): {sorted(unplaced)}\n" if unplaced else "")
+            + (f"Shapes that do not fit ({len(misfits)}): {misfits}" if misfits else "")
+        )
+    unfilled = [name for name in state if name.startswith(("perceiver.", "cross_attn_layers.")) and name not in mapped]
+    if unfilled:
+        raise ValueError(f"The checkpoint leaves these Flaminko weights unfilled: {unfilled}")
+    rows = model.get_input_embeddings().weight.shape[0]
+    output = model.get_output_embeddings()
+    token_rows = {
+        names[parameter]: parameter
+        for parameter in (model.get_input_embeddings().weight, output.weight if output is not None else None)
+        if parameter is not None and rows > original_vocab_size and names[parameter] not in mapped
+    }
+    if token_rows and not init_missing_token_rows:
+        raise ValueError(
+            f"The checkpoint has no rows for the new tokens (ids {original_vocab_size}..{rows - 1}) of "
+            f"{sorted(token_rows)}. Pass --init-missing-token-rows to set them to the mean of the original rows."
+        )
+    notes = []
+    with torch.no_grad():
+        for name, (_, tensor) in mapped.items():
+            state[name].copy_(tensor)
+        for name, parameter in token_rows.items():
+            parameter[original_vocab_size:] = parameter[:original_vocab_size].mean(0)
+            notes.append(
+                f"{name} rows {original_vocab_size}..{rows - 1} = mean of the original rows (not in the checkpoint)"
+            )
+    return len(mapped), notes
 
 
 @dataclass
@@ -418,6 +624,14 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         The tokenizer comes from the LM unless tokenizer_name_or_path is given; config_kwargs go to
         FlaminkoConfig (e.g. cross_attn_every_n_layers=4).
         """
+        _check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
+        _check_local_path(language_model_name_or_path, "language_model_name_or_path")
+        vision_type = AutoConfig.from_pretrained(vision_model_name_or_path).model_type
+        if vision_type not in ("clip", "clip_vision_model"):
+            raise ValueError(
+                f"{str(vision_model_name_or_path)!r} holds a {vision_type} model, not a CLIP vision tower: "
+                "Flaminko's vision tower is a CLIPVisionModel"
+            )
         vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
         language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
@@ -435,10 +649,14 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             eoc_token_id=processor.end_of_chunk_token_id,
             **config_kwargs,
         )
+        if config.max_num_frames is not None:
+            processor.max_num_frames = config.max_num_frames
         model = cls(config, vision_model=vision_model, language_model=language_model)
         # Resized after construction, so that post_init never re-initialises the pretrained rows.
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+        original_rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > original_rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model._init_new_token_rows(original_rows)
             model.apply_freezing()
         language_model.config.pad_token_id = tokenizer.pad_token_id
         model._set_generation_defaults()
@@ -446,9 +664,18 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             model.to(dtype)
         return model, processor
 
+    def _init_new_token_rows(self, original_rows: int):
+        """The rows of the added tokens start at the mean of the pretrained rows (input and output
+        embeddings), a deterministic start that keeps their first logits ordinary."""
+        output = self.get_output_embeddings()
+        with torch.no_grad():
+            for weight in {self.get_input_embeddings().weight, *([output.weight] if output is not None else [])}:
+                weight[original_rows:] = weight[:original_rows].mean(0)
+
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Loading materialises fresh parameters, which forget requires_grad.
         model.apply_freezing()
         return model
@@ -457,19 +684,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         """Also takes OpenFlamingo's checkpoint layout (`lang_encoder.*`, `perceiver.layers.i.0.*`),
         so OpenFlamingo code that loads a checkpoint.pt into the model runs unchanged. Such a state
         dict is placed key by key; a key with no place or a weight it leaves unfilled is an error."""
-        if any(key.startswith("lang_encoder.") or ".lang_encoder." in key for key in state_dict):
-            try:
-                from flaminko.conversion.checkpoint_io import strip_wrapper_prefixes
-                from flaminko.conversion.open_flamingo import place_checkpoint
-            except ImportError as error:
-                raise ValueError(
-                    "This state dict is in OpenFlamingo's layout; placing it needs the flaminko package "
-                    "(pip install flaminko), or convert it first with `flaminko convert open-flamingo`"
-                ) from error
-            checkpoint = {strip_wrapper_prefixes(key): tensor for key, tensor in state_dict.items()}
+        if is_open_flamingo_state_dict(state_dict):
             # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
-            place_checkpoint(
-                self, checkpoint, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
+            place_open_flamingo_checkpoint(
+                self, state_dict, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
             )
             return nn.modules.module._IncompatibleKeys([], [])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -523,8 +741,30 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> latents (B, T_img, L, D_vision)."""
+        pixel_values = self._checked_pixel_values(pixel_values)
+        batch, num_images, num_frames, channels, height, width = pixel_values.shape
+        trainable = any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
+            patches = self.vision_model(pixel_values=flat).last_hidden_state
+            if self.config.vision_feature_post_layernorm:
+                # CLIPVisionModel nests its parts under .vision_model before transformers 5.23.
+                tower = getattr(self.vision_model, "vision_model", self.vision_model)
+                patches = tower.post_layernorm(patches)
+            if not self.config.vision_feature_include_cls:
+                patches = patches[:, 1:]
+        patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
+        return self.perceiver(patches)
+
+    def _checked_pixel_values(self, pixel_values) -> torch.Tensor:
+        """pixel_values as (B, T_img, F, C, H, W), or a ValueError/TypeError saying what was expected."""
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be a float tensor, got {pixel_values.dtype}: pass the images through the "
+                "processor, which rescales and normalises them"
+            )
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(2)
         if pixel_values.ndim != 6:
@@ -539,38 +779,91 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 f"pixel_values images are {channels}x{height}x{width} but the vision tower expects "
                 f"{vision.num_channels}x{vision.image_size}x{vision.image_size} (channels x height x width)"
             )
-        trainable = any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
-            # Before the post-layernorm, as OpenFlamingo and flamingo-mini read them.
-            patches = self.vision_model(pixel_values=flat).last_hidden_state
-            if not self.config.vision_feature_include_cls:
-                patches = patches[:, 1:]
-        patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
-        return self.perceiver(patches)
+        if 0 in (batch, num_images, num_frames):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} hold no image: give at least one image (and "
+                "frame) per sample, or leave pixel_values out for text-only input"
+            )
+        # The images are encoded once, on the prompt: this check never runs in a decoding step.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values: check the image decoding and normalisation")
+        return pixel_values
+
+    def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool):
+        """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
+        ids against the vocabulary. No tensor value is read during a decoding step."""
+        if input_ids is None:
+            raise ValueError("Flaminko needs input_ids: the <image> tokens in them place the images")
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
+                + (": for one sample use input_ids[None]" if input_ids.ndim == 1 else "")
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: there is no text to run")
+        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+            if tensor is not None and not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if attention_mask is not None:
+            if attention_mask.ndim not in (2, 4) or attention_mask.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"attention_mask must have shape (batch, sequence) = {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if prompt and attention_mask.ndim == 2 and attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                    f"{tuple(input_ids.shape)}: they must match, one mask entry per token"
+                )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_ids.shape)}")
+        if prompt and not torch.compiler.is_compiling():
+            vocab = self.get_input_embeddings().weight.shape[0]
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary 0..{vocab - 1}: "
+                    "use the processor's tokenizer, whose special tokens the model's embeddings were resized for"
+                )
+
+    def _checked_image_features(self, image_features, input_ids, media_expansion, prompt: bool) -> torch.Tensor:
+        if not isinstance(image_features, torch.Tensor):
+            raise TypeError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}")
+        dim = self.config.vision_config.hidden_size
+        if (
+            image_features.ndim != 4
+            or image_features.shape[0] * media_expansion != input_ids.shape[0]
+            or image_features.shape[-1] != dim
+        ):
+            raise ValueError(
+                f"image_features must be (batch={input_ids.shape[0] // media_expansion}, images, latents, {dim}) "
+                f"as get_image_features returns them; got {tuple(image_features.shape)}"
+            )
+        if prompt and not torch.compiler.is_compiling() and not bool(torch.isfinite(image_features).all()):
+            raise ValueError("image_features contain NaN or infinite values")
+        return image_features
 
     def project_media(self, image_features: torch.Tensor) -> tuple:
         """The media keys and values of every gated block, in layer order."""
         return tuple(block.attn.project_media(image_features) for block in self.cross_attn_layers.values())
 
     def _build_media(
-        self, input_ids, image_features, media_key_values, past_image_token_count, past_length, media_expansion
+        self, input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion
     ):
         media_id = self.config.media_token_id
         if image_features is None:
-            if media_id is not None and past_length == 0 and bool((input_ids == media_id).any()):
+            if media_id is not None and prompt and bool((input_ids == media_id).any()):
                 raise ValueError(
                     "input_ids contain <image> tokens but neither pixel_values nor image_features were given"
                 )
             return FlaminkoMedia({}), None
         if media_id is None:
             raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
-        if image_features.ndim != 4 or image_features.shape[0] * media_expansion != input_ids.shape[0]:
-            raise ValueError(
-                f"image_features must be (batch={input_ids.shape[0] // media_expansion}, images, latents, dim); "
-                f"got {tuple(image_features.shape)}"
-            )
-        if past_length > 0 and past_image_token_count is None:
+        if not prompt and past_image_token_count is None:
             raise ValueError(
                 "Decoding with past_key_values and images needs past_image_token_count: pass the "
                 "image_token_count of the previous call's output"
@@ -578,7 +871,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         positions = media_positions(input_ids, media_id, past_image_token_count)
         num_images = image_features.shape[1]
         # Checked on the prompt only: a check per decoding step would stall the GPU on a sync.
-        most = int(positions[:, -1].max()) if past_length == 0 and positions.numel() else 0
+        most = int(positions[:, -1].max()) if prompt and positions.numel() else 0
         if most > num_images:
             raise ValueError(
                 f"A sample has {most} <image> tokens but only {num_images} images were given per sample"
@@ -623,8 +916,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
             sequences share their prompt's images, which are encoded and projected once).
         """
-        if input_ids is None:
-            raise ValueError("Flaminko needs input_ids: the <image> tokens in them place the images")
+        prompt = _is_prompt(past_key_values)
+        self._check_text_inputs(input_ids, attention_mask, labels, prompt)
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("Flaminko takes input_ids, not inputs_embeds: the <image> tokens place the images")
         if pixel_values is not None and image_features is not None:
@@ -637,24 +930,26 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                     + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
                 )
             media_key_values = None
+        elif image_features is not None:
+            image_features = self._checked_image_features(image_features, input_ids, media_expansion, prompt)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: there is no text to run")
         context = getattr(self.config.text_config, "max_position_embeddings", None)
-        if context is not None and past_length + input_ids.shape[1] > context:
+        # (A static cache's length is a tensor: its size bounds the context itself.)
+        if context is not None and isinstance(past_length, int) and past_length + input_ids.shape[1] > context:
             raise ValueError(
                 f"{past_length + input_ids.shape[1]} tokens exceed the language model's context of {context}: "
                 "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
             )
         media, media_key_values = self._build_media(
-            input_ids, image_features, media_key_values, past_image_token_count, past_length, media_expansion
+            input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion
         )
         self._restrict_embedding_gradients()
         kwargs.pop("return_dict", None)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            if self.language_model.is_gradient_checkpointing and self.training and not _HOOKS_OUTSIDE_CHECKPOINT:
+            checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.language_model))
+            if checkpointing and self.training and not _HOOKS_OUTSIDE_CHECKPOINT:
                 raise ValueError(
                     f"Gradient checkpointing of {self.config.text_config.model_type} layers needs transformers "
                     ">= 5.23: earlier versions recompute the layer hooks in backward, where this call's media are gone"
@@ -786,6 +1081,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             if kwargs.get("pixel_values") is not None:
                 raise ValueError("Pass vision_x or pixel_values, not both")
             kwargs["pixel_values"] = vision_x
+        # Checked here, once: GenerationMixin derives position ids and the cache from the prompt
+        # before the first forward, and would fail deep inside the LM on a malformed one.
+        prompt_ids = kwargs.get("input_ids") if inputs is None else inputs
+        self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(kwargs.get("past_key_values")))
         return super().generate(inputs, **kwargs)
 
 

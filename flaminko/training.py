@@ -117,6 +117,10 @@ class FlaminkoTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def _has_accelerator(training_args: TrainingArguments) -> bool:
+    return not training_args.use_cpu and torch.accelerator.is_available()
+
+
 def lora_target_modules(model: FlaminkoForConditionalGeneration, *, cross_attention: bool) -> str:
     """A full-name regex over the linear layers of the LM's decoder layers (and of the
     cross-attention when asked)."""
@@ -203,6 +207,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     # The collator builds the model inputs from the samples' text and images, which are not
     # arguments of forward: the Trainer must hand the samples over untouched.
     training_args.remove_unused_columns = False
+    # Pinned memory only speeds up copies to an accelerator; without one the DataLoader warns per worker.
+    training_args.dataloader_pin_memory = training_args.dataloader_pin_memory and _has_accelerator(training_args)
     # Seeded before the fresh resampler and cross-attention are initialised, so a run repeats.
     set_seed(training_args.seed)
     model, processor, base = load_model(model_args, training_args)

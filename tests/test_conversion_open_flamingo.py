@@ -143,3 +143,58 @@ def test_openflaminko_readme_loading_runs_unchanged(backbones, tmp_path):
         ours = model(input_ids=lang_x["input_ids"], pixel_values=vision_x).logits
         theirs = converted(input_ids=lang_x["input_ids"], pixel_values=vision_x).logits
     assert torch.equal(ours, theirs)
+
+
+REMOTE_LOAD_SCRIPT = """
+import sys
+sys.modules["flaminko"] = None  # the package must not be importable here
+import torch
+from transformers import AutoModelForImageTextToText
+folder, checkpoint, inputs, out = sys.argv[1:]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+model.load_state_dict(torch.load(checkpoint)["model_state_dict"], strict=False)  # OpenFlaminKO's line
+with torch.no_grad():
+    torch.save(model.eval()(**torch.load(inputs)).logits, out)
+"""
+
+
+def test_openflaminko_checkpoint_loads_into_a_remote_code_model_without_the_package(backbones, tmp_path):
+    import subprocess
+
+    reference = trained_reference(backbones, "gpt_neox", 1, seed=7)
+    checkpoint_path = save_like_open_flamingo_training(reference, tmp_path / "run")
+    convert_open_flamingo(checkpoint_path, backbones["vision"], backbones["gpt_neox"], tmp_path / "converted", init_missing_token_rows=True)
+    fresh, processor = FlaminkoForConditionalGeneration.from_backbones(backbones["vision"], backbones["gpt_neox"])
+    fresh.save_pretrained(tmp_path / "fresh")
+    inputs = dict(processor(text="<image>해당 이미지는<|endofchunk|><image>", images=[torch.rand(3, 32, 32), torch.rand(3, 32, 32)]))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "load.py").write_text(REMOTE_LOAD_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    arguments = [tmp_path / "fresh", checkpoint_path, tmp_path / "inputs.pt", tmp_path / "logits.pt"]
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), *map(str, arguments)], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    converted = FlaminkoForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
+    with torch.no_grad():
+        expected = converted(**inputs).logits
+        before = fresh.eval()(**inputs).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    assert not torch.allclose(before, expected)  # the checkpoint changed what the fresh model computes
+
+
+@pytest.mark.parametrize("convention", ["openflamingo", "open_clip-2.23"])
+def test_cli_converts_and_verifies_with_a_hugging_face_clip(backbones, tmp_path, capsys, convention):
+    from flaminko.cli import main
+
+    reference = trained_reference(backbones, "gpt_neox", 1, seed=5)
+    checkpoint = save_like_open_flamingo_training(reference, tmp_path / "run")
+    argv = ["convert", "open-flamingo", "--checkpoint", str(checkpoint), "--vision", str(backbones["vision"]),
+            "--lm", str(backbones["gpt_neox"]), "--init-missing-token-rows", "--vision-convention", convention,
+            "--verify", "--out", str(tmp_path / "out")]
+    main(argv)
+    printed = capsys.readouterr().out
+    assert "tensors mapped:" in printed and "bytes written:" in printed
+    difference = float(printed.split("max |logits diff| vs reference:")[1].split()[0])
+    assert difference <= 1e-4

@@ -14,6 +14,18 @@ def batch_of(processor):
     return processor(text=PROMPTS, images=[[noise_image(1), noise_image(2)], [noise_image(3)]])
 
 
+def rescored(model, batch, sequences, copies):
+    """Log-probabilities of every token of `sequences` under one uncached forward pass: (rows, length - 1)."""
+    prompt_length = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"].repeat_interleave(copies, 0), torch.ones_like(sequences[:, prompt_length:])], 1)
+    with torch.no_grad():
+        logits = model(
+            input_ids=sequences, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            pixel_values=batch["pixel_values"].repeat_interleave(copies, 0),
+        ).logits
+    return logits[:, :-1].log_softmax(-1), sequences[:, 1:]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -25,13 +37,43 @@ def batch_of(processor):
     ids=["greedy", "beam", "beam-2-returned", "sampling-3-returned"],
 )
 def test_decoding_strategies(model_and_processor, kwargs):
+    """Each strategy does what it says, checked against the model's own log-probabilities of the
+    tokens it chose (one uncached forward over the whole output)."""
     model, processor = model_and_processor
     batch = batch_of(processor)
     torch.manual_seed(0)
-    out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, **kwargs)
+    out = model.generate(
+        **batch, max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True, output_scores=True, length_penalty=0.0,
+        **kwargs,
+    )
+    sequences = out.sequences
     copies = kwargs.get("num_return_sequences", 1)
-    assert out.shape == (2 * copies, batch["input_ids"].shape[1] + 6)
-    assert torch.equal(out[::copies, : batch["input_ids"].shape[1]], batch["input_ids"])
+    prompt_length = batch["input_ids"].shape[1]
+    assert sequences.shape == (2 * copies, prompt_length + 6)
+    assert torch.equal(sequences[::copies, :prompt_length], batch["input_ids"])
+    log_probs, targets = rescored(model, batch, sequences, copies)
+    generated = slice(prompt_length - 1, None)
+    chosen = log_probs[:, generated].gather(-1, targets[:, generated, None])[..., 0]
+    # min_new_tokens and the <image> suppression rule out these tokens at every generated step.
+    banned = [model.config.media_token_id, *model.generation_config.eos_token_id]
+    allowed = log_probs[:, generated].clone()
+    allowed[..., banned] = float("-inf")
+    if kwargs.get("num_beams"):
+        # With length_penalty 0 a beam's score is the sum of its tokens' log-probabilities.
+        assert torch.allclose(out.sequences_scores, chosen.sum(-1), atol=1e-4)
+        for prompt_scores in out.sequences_scores.view(2, copies):
+            assert (prompt_scores[:-1] >= prompt_scores[1:]).all()
+        if copies > 1:
+            assert not torch.equal(sequences[0], sequences[1])
+    elif kwargs.get("do_sample"):
+        top_k = allowed.topk(kwargs["top_k"], dim=-1).values[..., -1]
+        assert (chosen >= top_k - 1e-5).all()  # every sampled token lies in the top k
+        torch.manual_seed(0)
+        again = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, **kwargs)
+        assert torch.equal(again, sequences)
+    else:
+        # Greedy: every token is the most likely allowed one.
+        assert torch.allclose(chosen, allowed.max(-1).values, atol=1e-5)
 
 
 def test_beam_search_keeps_each_sample_on_its_own_images(model_and_processor):
@@ -120,6 +162,17 @@ def test_few_shot_prompt_from_the_readme(model_and_processor):
     prompt = "".join(f"<image>Output:{caption}<|endofchunk|>" for _, caption in demos) + "<image>Output:"
     batch = processor(text=prompt, images=[image for image, _ in demos] + [query])
     out = model.generate(**batch, max_new_tokens=20, num_beams=3)
+    new_tokens = out[0, batch["input_ids"].shape[1] :]
     answer = processor.batch_decode(out[:, batch["input_ids"].shape[1] :])[0]
-    assert batch["pixel_values"].shape[1] == 3 and isinstance(answer, str)
-    assert model.config.media_token_id not in out[0, batch["input_ids"].shape[1] :].tolist()
+    assert batch["pixel_values"].shape[1] == 3
+    assert (batch["input_ids"][0] == processor.image_token_id).sum() == 3
+    assert answer == processor.tokenizer.decode(new_tokens, skip_special_tokens=True) and len(new_tokens) > 0
+    assert model.config.media_token_id not in new_tokens.tolist()
+    # The answer reads the query image and, through the demonstrations' text, their images too.
+    with torch.no_grad():
+        last = model(**batch).logits[0, -1]
+        for index, other in ((2, noise_image(9)), (0, noise_image(8))):
+            images = [image for image, _ in demos] + [query]
+            images[index] = other
+            changed = model(**processor(text=prompt, images=images)).logits[0, -1]
+            assert not torch.allclose(last, changed, atol=1e-4), index

@@ -177,13 +177,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbones, family):
 
     model.train()
     plain = gradients()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     if family in LAYERS_WITHOUT_KWARGS and not _HOOKS_OUTSIDE_CHECKPOINT:
         with pytest.raises(ValueError, match="needs transformers >= 5.23"):
             gradients()
         return
     checkpointed = gradients()
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     assert plain.keys() == checkpointed.keys()
     assert any(name.startswith("cross_attn_layers") for name in plain)
     for name in plain:

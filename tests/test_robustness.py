@@ -238,7 +238,10 @@ KILLABLE = textwrap.dedent(
     vision, language, table, out, resume, slow = sys.argv[1:7]
 
     class Slow(TrainerCallback):
-        def on_step_end(self, *args, **kwargs):
+        def on_step_end(self, args, state, control, **kwargs):
+            # The steps this process ran, so the test can tell a resumed run from a fresh one.
+            with open(f"{out}/steps-run-by-resume-{resume}.txt", "a") as steps:
+                steps.write(f"{state.global_step}\\n")
             time.sleep(float(slow))
 
     init = training.FlaminkoTrainer.__init__
@@ -280,6 +283,8 @@ def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(backbo
 
     resumed = subprocess.run(command(tmp_path / "killed", "yes", "0"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_steps = (tmp_path / "killed" / "steps-run-by-resume-yes.txt").read_text().split()
+    assert resumed_steps == [str(step) for step in range(7, 13)]  # continued after checkpoint-6, not from step 1
     a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-# Wrappers that training code puts in front of parameter names (DDP, FSDP, activation checkpointing, torch.compile).
-WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+from ..modeling_flaminko import strip_wrapper_prefixes
+
 # Keys under which training loops nest the model's weights.
 NESTED_STATE_KEYS = ("model_state_dict", "state_dict", "model")
 
@@ -38,12 +38,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds no flat state dict of tensors")
     return {strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
-
-
-def strip_wrapper_prefixes(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 @dataclass

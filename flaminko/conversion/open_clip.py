@@ -2,27 +2,9 @@
 
 import re
 
-import torch
 from transformers import CLIPVisionConfig
 
-_LAYER_PARTS = {
-    "ln_1": "layer_norm1",
-    "ln_2": "layer_norm2",
-    "attn.out_proj": "self_attn.out_proj",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
-_TOP_LEVEL = {
-    "conv1.weight": "embeddings.patch_embedding.weight",
-    "class_embedding": "embeddings.class_embedding",
-    "positional_embedding": "embeddings.position_embedding.weight",
-    "ln_pre.weight": "pre_layrnorm.weight",
-    "ln_pre.bias": "pre_layrnorm.bias",
-    "ln_post.weight": "post_layernorm.weight",
-    "ln_post.bias": "post_layernorm.bias",
-}
-# The projection to the joint text-image space: Flamingo reads the tokens before it.
-_UNUSED = ("proj",)
+from ..modeling_flaminko import open_clip_visual_to_hf
 
 
 def is_open_clip_visual(state_dict: dict) -> bool:
@@ -56,33 +38,6 @@ def open_clip_vision_config(state_dict: dict, hidden_act: str = "quick_gelu", he
     )
 
 
-def open_clip_visual_to_hf(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(CLIPVisionModel state dict with transformers 5 names, names it could not place). The
-    fused attention input projection is split into q, k and v."""
-    converted, unplaced = {}, []
-    for name, tensor in state_dict.items():
-        if name in _TOP_LEVEL:
-            converted[_TOP_LEVEL[name]] = tensor
-            continue
-        if name in _UNUSED:
-            continue
-        # nn.MultiheadAttention names its fused input projection in_proj_weight / in_proj_bias.
-        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)", name)
-        if match is None:
-            unplaced.append(name)
-            continue
-        index, part, kind = match.groups()
-        prefix = f"encoder.layers.{index}"
-        if part == "attn.in_proj":
-            for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                converted[f"{prefix}.self_attn.{projection}.{kind}"] = chunk
-        elif part in _LAYER_PARTS:
-            converted[f"{prefix}.{_LAYER_PARTS[part]}.{kind}"] = tensor
-        else:
-            unplaced.append(name)
-    return converted, unplaced
-
-
 def save_open_clip_visual_as_hf(path, folder, hidden_act: str = "quick_gelu") -> str:
     """Write an open_clip visual state dict (file) as a Hugging Face CLIP vision folder with an
     image processor; returns the folder. OpenAI CLIP weights use QuickGELU (the default)."""
@@ -104,3 +59,49 @@ def save_open_clip_visual_as_hf(path, folder, hidden_act: str = "quick_gelu") ->
     size = config.image_size
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
     return str(folder)
+
+
+# How OpenFlamingo's training saw the ViT patch tokens under each open_clip version: (CLIP's
+# post-layernorm applied to the tokens, the tower's activation when it differs from its weights'
+# own). open_clip 2.23 began applying ln_post to the tokens; 2.29 builds ViT-L-14 with plain GELU
+# even for the OpenAI weights, which were trained with QuickGELU.
+VISION_CONVENTIONS = {
+    "openflamingo": (False, None),  # open_clip < 2.23: OpenFlamingo's released models
+    "open_clip-2.23": (True, None),  # 2.23 <= open_clip < 2.29
+    "open_clip-2.29": (True, "gelu"),  # open_clip >= 2.29
+}
+
+
+def vision_convention(name: str) -> tuple[bool, str | None]:
+    if name not in VISION_CONVENTIONS:
+        raise ValueError(f"Unknown vision convention {name!r}; expected one of {', '.join(VISION_CONVENTIONS)}")
+    return VISION_CONVENTIONS[name]
+
+
+def open_clip_tower(path, convention: str = "openflamingo"):
+    """open_clip's own VisionTransformer with the weights of an open_clip visual state dict file,
+    returning the patch tokens as that open_clip version gave them to OpenFlamingo (`.visual(x)[1]`)."""
+    from torch import nn
+
+    from .checkpoint_io import load_state_dict
+    from .reference import open_clip_transformer
+
+    post_layernorm, act = vision_convention(convention)
+    transformer = open_clip_transformer()
+    state = strip_visual_prefix(load_state_dict(path))
+    config = open_clip_vision_config(state)
+    tower = transformer.VisionTransformer(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        width=config.hidden_size,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        output_dim=state["proj"].shape[1] if "proj" in state else config.hidden_size,
+        output_tokens=True,
+        # final_ln_after_pool: ln_post on the pooled output only, so the tokens come before it.
+        final_ln_after_pool=not post_layernorm,
+        act_layer=nn.GELU if act == "gelu" else transformer.QuickGELU,
+    )
+    tower.load_state_dict(state)
+    return tower.eval()

@@ -35,21 +35,64 @@ def open_flamingo_modules():
         raise ImportError(f"OpenFlamingo's model code needs einops and einops-exts: {INSTALL_HINT}") from error
 
 
-class _OpenClipLikeTower(nn.Module):
-    """What OpenFlamingo reads from open_clip: `.visual(x)[1]` = patch tokens, no CLS, before ln_post."""
+def open_clip_transformer():
+    """open_clip.transformer without the package __init__ (which needs torchvision, absent on CPU
+    stacks whose torch has no matching torchvision); the one torchvision name its utils import is
+    stood in for while importing, then removed."""
+    names = ("open_clip", "torchvision", "torchvision.ops", "torchvision.ops.misc")
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise ImportError("Verifying against open_clip's own tower needs open_clip: pip install --no-deps open_clip_torch")
+    saved = {name: sys.modules.get(name) for name in names}
+    package = types.ModuleType("open_clip")
+    package.__spec__, package.__path__ = spec, list(spec.submodule_search_locations)
+    misc = types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = nn.BatchNorm2d
+    stand_ins = {
+        "open_clip": package,
+        "torchvision": types.ModuleType("torchvision"),
+        "torchvision.ops": types.ModuleType("torchvision.ops"),
+        "torchvision.ops.misc": misc,
+    }
+    sys.modules.update(stand_ins)
+    try:
+        return importlib.import_module("open_clip.transformer")
+    finally:
+        for name in names:
+            if saved[name] is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = saved[name]
+        for name in [n for n in sys.modules if n.startswith("open_clip.")]:
+            del sys.modules[name]
 
-    def __init__(self, clip: CLIPVisionModel):
+
+class _OpenClipLikeTower(nn.Module):
+    """What OpenFlamingo reads from open_clip, from an HF CLIP: `.visual(x)[1]` = patch tokens,
+    no CLS, before ln_post (or after it, as open_clip >= 2.23 gives them)."""
+
+    def __init__(self, clip: CLIPVisionModel, post_layernorm: bool = False):
         super().__init__()
         self.clip = clip
+        self.post_layernorm = post_layernorm
 
     def forward(self, pixel_values):
         output = self.clip(pixel_values=pixel_values)
-        return output.pooler_output, output.last_hidden_state[:, 1:]
+        tokens = output.last_hidden_state
+        if self.post_layernorm:
+            tokens = getattr(self.clip, "vision_model", self.clip).post_layernorm(tokens)
+        return output.pooler_output, tokens[:, 1:]
 
 
-def build_open_flamingo(vision, language_model, cross_attn_every_n_layers: int, tokenizer=None):
+def build_open_flamingo(
+    vision, language_model, cross_attn_every_n_layers: int, tokenizer=None, *, convention="openflamingo", open_clip_visual=None
+):
     """OpenFlamingo's Flamingo around HF backbones, set up as its factory does (tokens, resize,
-    freezing). Returns (model, tokenizer)."""
+    freezing), its vision tower reading the patch tokens in the given convention: open_clip's own
+    tower built from the open_clip_visual file when given, else the HF CLIP at `vision`.
+    Returns (model, tokenizer)."""
+    from .open_clip import open_clip_tower, vision_convention
+
     flamingo, flamingo_lm, utils = open_flamingo_modules()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer or language_model)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
@@ -60,9 +103,13 @@ def build_open_flamingo(vision, language_model, cross_attn_every_n_layers: int, 
     utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
     lang_encoder.set_decoder_layers_attr_name(layers_path)
     lang_encoder.resize_token_embeddings(len(tokenizer))
-    clip = CLIPVisionModel.from_pretrained(vision)
+    post_layernorm, act = vision_convention(convention)
+    clip = CLIPVisionModel.from_pretrained(vision, **({"hidden_act": act} if act else {}))
     vision_encoder = nn.Module()
-    vision_encoder.visual = _OpenClipLikeTower(clip)
+    if open_clip_visual is not None:
+        vision_encoder.visual = open_clip_tower(open_clip_visual, convention)
+    else:
+        vision_encoder.visual = _OpenClipLikeTower(clip, post_layernorm)
     model = flamingo.Flamingo(
         vision_encoder,
         lang_encoder,
@@ -92,7 +139,16 @@ def probe_inputs(tokenizer, image_size: int, seed: int = 0):
 
 
 def compare_with_open_flamingo(
-    folder, checkpoint, vision, language_model, cross_attn_every_n_layers, *, tokenizer=None, initialised_from_row=None
+    folder,
+    checkpoint,
+    vision,
+    language_model,
+    cross_attn_every_n_layers,
+    *,
+    tokenizer=None,
+    initialised_from_row=None,
+    convention="openflamingo",
+    open_clip_visual=None,
 ):
     """Largest |logits difference| between the converted folder and OpenFlamingo loaded with the
     checkpoint (strict=False, as OpenFlamingo loads it) on a fixed probe; raises AssertionError if
@@ -100,14 +156,16 @@ def compare_with_open_flamingo(
     output rows the checkpoint lacks to the mean of the rows before it; the reference gets the same."""
     from ..modeling_flaminko import FlaminkoForConditionalGeneration
 
-    reference, reference_tokenizer = build_open_flamingo(vision, language_model, cross_attn_every_n_layers, tokenizer)
+    reference, reference_tokenizer = build_open_flamingo(
+        vision, language_model, cross_attn_every_n_layers, tokenizer, convention=convention, open_clip_visual=open_clip_visual
+    )
     reference.load_state_dict(checkpoint, strict=False)
     reference.eval()
     if initialised_from_row is not None:
         with torch.no_grad():
             output = reference.lang_encoder.get_output_embeddings().weight
             output[initialised_from_row:] = output[:initialised_from_row].mean(0)
-    image_size = reference.vision_encoder.clip.config.image_size
+    image_size = CLIPVisionModel.config_class.from_pretrained(vision).image_size
     vision_x, input_ids, attention_mask = probe_inputs(reference_tokenizer, image_size)
     settings = [{"num_beams": 1}, {"num_beams": 3}]
     common = {"max_new_tokens": 8, "eos_token_id": reference.eoc_token_id, "pad_token_id": reference_tokenizer.pad_token_id}
