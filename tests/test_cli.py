@@ -31,6 +31,17 @@ def flaminko(*args, env=None, timeout=300, **options):
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=environment, timeout=timeout, **options)
 
 
+def in_process(capsys, *args):
+    """The same entry point in this process (the console script calls flaminko.cli.main): for the
+    many cases of one item, where a fresh interpreter per case would only repeat the imports."""
+    from flaminko.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(argument) for argument in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+
+
 def assert_one_line_error(result, command, *fragments):
     assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -116,14 +127,19 @@ def test_argument_errors_are_argparse_one_liners():
         (["--model", "{images}", "--device", "nosuchdevice"], ["--device nosuchdevice: not a device name"]),
     ],
 )
-def test_caption_mistakes(images, arguments, fragments):
+def test_caption_mistakes(images, capsys, arguments, fragments):
     arguments = [argument.format(images=images) for argument in arguments]
-    assert_one_line_error(flaminko("caption", *arguments, images / "0.png"), "caption", *fragments)
+    assert_one_line_error(in_process(capsys, "caption", *arguments, images / "0.png"), "caption", *fragments)
 
 
-def test_caption_of_missing_images_and_empty_folders(images, tmp_path):
-    assert_one_line_error(flaminko("caption", "--model", images, tmp_path / "nope.png"), "caption", "nope.png: no such file or folder")
-    assert_one_line_error(flaminko("caption", "--model", images, tmp_path), "caption", "a folder without images")
+def test_caption_mistake_through_the_console_script(images, tmp_path):
+    assert_one_line_error(flaminko("caption", "--model", "runs/ko/final", images), "caption", "no such folder, and not a Hub model id")
+
+
+def test_caption_of_missing_images_and_empty_folders(images, tmp_path, capsys):
+    result = in_process(capsys, "caption", "--model", images, tmp_path / "nope.png")
+    assert_one_line_error(result, "caption", "nope.png: no such file or folder")
+    assert_one_line_error(in_process(capsys, "caption", "--model", images, tmp_path), "caption", "a folder without images")
 
 
 def test_unreachable_hub_is_one_line_naming_offline_mode(images, tmp_path):
@@ -147,7 +163,7 @@ def test_unreachable_hub_is_one_line_naming_offline_mode(images, tmp_path):
         ("fp16 on the CPU", ["--fp16 needs a GPU"]),
     ],
 )
-def test_train_checks_before_it_builds_or_writes(backbones, images, tmp_path, case, fragments):
+def test_train_checks_before_it_builds_or_writes(backbones, images, tmp_path, capsys, case, fragments):
     if case in ("bf16 without a GPU", "fp16 on the CPU") and HAS_ACCELERATOR:
         pytest.skip("this machine has a GPU")
     table = write_table(images, [("0.png", "빨간색 네모")] * 2)
@@ -171,9 +187,20 @@ def test_train_checks_before_it_builds_or_writes(backbones, images, tmp_path, ca
         extra = ["--fp16", "--use_cpu"]
     out = tmp_path / "run"
     arguments = ["--vision_model", backbones["vision"], "--language_model", backbones["gpt_neox"], "--output_dir", out]
-    result = flaminko("train", *arguments, *[x for pair in options.items() for x in pair], *extra)
+    result = in_process(capsys, "train", *arguments, *[x for pair in options.items() for x in pair], *extra)
     assert_one_line_error(result, "train", *fragments)
     assert not out.exists()  # nothing built, nothing saved
+
+
+def test_train_mistake_through_the_console_script(backbones, tmp_path):
+    table = write_table(tmp_path, [("missing.png", "빨간색 네모")] * 3)
+    out = tmp_path / "run"
+    result = flaminko(
+        "train", "--vision_model", backbones["vision"], "--language_model", backbones["gpt_neox"], "--train_data", table,
+        "--output_dir", out,
+    )
+    assert_one_line_error(result, "train", "--train_data", "no usable rows (skipped: 3 missing image file)")
+    assert not out.exists()
 
 
 def test_train_prints_losses_cleans_up_and_records_its_prompt_format(trained):
@@ -190,7 +217,7 @@ def test_train_prints_losses_cleans_up_and_records_its_prompt_format(trained):
     assert (final / "chat_template.jinja").is_file()
     card = ModelCard.load(final / "README.md")
     assert card.data.base_model is None  # the backbones were local folders: no path in the metadata
-    assert card.text.splitlines()[0] == "# ko" and "pip install flaminko" not in card.text
+    assert card.text.strip().splitlines()[0] == "# ko" and "pip install flaminko" not in card.text
     assert "Nothing to install" in card.text
 
 

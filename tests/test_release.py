@@ -44,7 +44,7 @@ def test_release_fills_in_what_is_missing_and_the_card_parses(model_and_processo
     assert data["pipeline_tag"] == "image-text-to-text" and "flaminko" in data["tags"]
     assert "cross_attn_every_n_layers" in card.text and "trust_remote_code=True" in card.text
     assert "## Limitations" in card.text and "한국어" in card.text
-    assert card.text.splitlines()[0] == "# tiny-ko" and 'from_pretrained("flaminko/tiny-ko"' in card.text
+    assert card.text.strip().splitlines()[0] == "# tiny-ko" and 'from_pretrained("flaminko/tiny-ko"' in card.text
     assert "base_model" not in data and data["license"] == "apache-2.0" and "pip install flaminko" not in card.text
 
 
@@ -127,7 +127,7 @@ def test_cards_pass_the_hubs_metadata_validation(model_and_processor, tmp_path, 
     with FakeHub() as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
         ModelCard.load(folder / "README.md").validate()
-        assert hub.validated[-1]["base_model"] == "EleutherAI/polyglot-ko-1.3b"
+        assert hub.validated[-1]["base_model"] == ["EleutherAI/polyglot-ko-1.3b"]
         local = ModelCard(f"---\n{ModelCardData(license='mit', language='ko', library_name='transformers', pipeline_tag='image-text-to-text', base_model='runs/ko/base-model').to_yaml()}\n---\n# x")
         with pytest.raises(ValueError, match="not a valid model id"):
             local.validate()
@@ -167,5 +167,5 @@ def test_conversion_and_training_folders_pass_the_check(backbones, tmp_path):
     assert "flaminko train" in ModelCard.load(final / "README.md").text
     release(final, "me/ko-captioner")
     card = ModelCard.load(final / "README.md")
-    assert card.text.splitlines()[0] == "# ko-captioner" and "## Training" in card.text and "flaminko train" in card.text
+    assert card.text.strip().splitlines()[0] == "# ko-captioner" and "## Training" in card.text and "flaminko train" in card.text
     assert 'from_pretrained("me/ko-captioner"' in card.text
