@@ -5,6 +5,7 @@ messages do not wait for torch and transformers. Importing any of them registers
 the Auto classes (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor).
 """
 
+import functools
 import importlib
 
 __version__ = "0.1.0"
@@ -20,10 +21,12 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 
+@functools.cache
 def register_auto_classes():
     """Registers Flaminko with transformers' Auto classes, and marks every saved folder to carry the
     three code files and an auto_map, so it loads with trust_remote_code=True where this package is
-    not installed. Runs once, when a public name is first used."""
+    not installed. Runs once: when a public name is first used, and on import of the modules that
+    save or load models (training, demo, inference, release, the `convert` command)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
     from .configuration_flaminko import FlaminkoConfig

@@ -67,12 +67,14 @@ def _add_convert(commands):
 def _convert(args):
     import tempfile
 
+    from . import register_auto_classes
     from .conversion.flamingo_mini import convert_flamingo_mini
     from .conversion.open_clip import save_open_clip_visual_as_hf
     from .conversion.open_flamingo import convert_open_flamingo
 
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    register_auto_classes()  # the written folder carries the remote code and an auto_map
     if args.source == "flamingo-mini":
         summary = convert_flamingo_mini(args.checkpoint, args.out, vision=args.vision, language_model=args.lm)
     else:

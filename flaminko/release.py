@@ -17,6 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from . import register_auto_classes
 from .hub import is_hub_id
 from .hub_card import DEFAULT_LICENSE
 
@@ -206,6 +207,7 @@ def fill_in(folder, repo_id: str, *, base_models: list[str] | None = None, licen
     if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         from .modeling_flaminko import FlaminkoForConditionalGeneration
 
+        register_auto_classes()
         FlaminkoForConditionalGeneration.from_pretrained(folder).save_pretrained(folder)
         added.append("safetensors weights (from the .bin files)")
     for name in REMOTE_CODE:

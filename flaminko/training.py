@@ -18,10 +18,14 @@ import torch
 from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from . import register_auto_classes
 from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
 from .hub import check_model_source, is_hub_id
 from .inference import CAPTION_CHAT_TEMPLATE
 from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
+
+# Saved folders carry the remote code and an auto_map once the classes are registered.
+register_auto_classes()
 
 DATA_FORMATS = ("captions", "webdataset", "interleaved")
 USAGE = "flaminko train [--option VALUE ...] | flaminko train CONFIG.yaml | flaminko train CONFIG.json"

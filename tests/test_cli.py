@@ -215,6 +215,9 @@ def test_train_prints_losses_cleans_up_and_records_its_prompt_format(trained):
     assert (out / "checkpoint-2").is_dir()
     final = out / "final"
     assert (final / "chat_template.jinja").is_file()
+    from flaminko.release import problems
+
+    assert problems(final) == []  # remote code and auto_map written by the console script too
     card = ModelCard.load(final / "README.md")
     assert card.data.base_model is None  # the backbones were local folders: no path in the metadata
     assert card.text.strip().splitlines()[0] == "# ko" and "pip install flaminko" not in card.text
