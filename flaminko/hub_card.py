@@ -3,6 +3,8 @@
 from huggingface_hub import ModelCard, ModelCardData
 
 DEFAULT_LICENSE = "apache-2.0"
+# The usage snippet's model before a release names the repo id.
+LOCAL_FOLDER = "path/to/this/folder"
 # What loading a released folder needs: its code ships with it (remote code), so no package is installed.
 REQUIREMENTS = "transformers>=5.17, torch, pillow"
 
@@ -92,7 +94,7 @@ def build_model_card(
     *,
     total_parameters: int,
     trained_parameters: int,
-    repo_id: str,
+    repo_id: str | None = None,
     title: str | None = None,
     base_models: list[str] | None = None,
     datasets: list[str] | None = None,
@@ -103,9 +105,14 @@ def build_model_card(
     license: str | None = None,
 ) -> ModelCard:
     """A card for a Flaminko model with this config, loaded as `repo_id` (a Hub id, or the local
-    folder before a release) in its usage snippet; titled with the repo's name unless `title` is
-    given. base_models holds Hub ids only (the Hub rejects paths). Evaluation rows are dicts with
-    task, metric, value; kept_sections is markdown carried over from an earlier card."""
+    folder before a release; `flaminko release` fills in the repo id) in its usage snippet; titled
+    with the repo's name unless `title` is given. Of base_models only Hub ids are kept: the Hub
+    rejects paths. Evaluation rows are dicts with task, metric, value; kept_sections is markdown
+    carried over from an earlier card."""
+    from .hub import is_hub_id
+
+    repo_id = repo_id or LOCAL_FOLDER
+    base_models = [name for name in base_models or [] if is_hub_id(name)]
     layers = config.cross_attn_layer_indices
     card_data = ModelCardData(
         language=["ko", "en"],
@@ -119,7 +126,7 @@ def build_model_card(
     return ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
-        title=title or repo_id.rstrip("/").split("/")[-1],
+        title=title or ("Flaminko model" if repo_id == LOCAL_FOLDER else repo_id.rstrip("/").split("/")[-1]),
         origin=origin,
         vision=f"CLIP ViT, width {config.vision_config.hidden_size}, {config.vision_config.num_hidden_layers} layers",
         language=f"{config.text_config.model_type}, width {config.text_config.hidden_size}, "

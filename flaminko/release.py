@@ -257,14 +257,12 @@ def model_card(folder: Path, repo_id: str, *, base_models: list[str] | None = No
                 shape = weights.get_slice(name).get_shape()
                 sizes[name] = math.prod(shape)
     total, trained = count_parameters(config, sizes)
-    if base_models is None:
-        base_models = [name for name in _config_base_models(folder) if is_hub_id(name)]
     return build_model_card(
         config,
         total_parameters=total,
         trained_parameters=trained,
         repo_id=repo_id,
-        base_models=base_models,
+        base_models=_config_base_models(folder) if base_models is None else base_models,
         kept_sections=_kept_sections(folder),
         license=license or _card_license(folder),
     )

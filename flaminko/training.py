@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from . import register_auto_classes
 from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
-from .hub import check_model_source, is_hub_id
+from .hub import check_model_source
 from .inference import CAPTION_CHAT_TEMPLATE
 from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
 
@@ -329,12 +329,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     return trainer, final
 
 
-def base_model_ids(model_args: ModelArguments) -> list[str]:
-    """The Hub ids this run started from (local folders are left out: the Hub rejects them as base_model)."""
-    sources = [model_args.model_name_or_path] if model_args.model_name_or_path else [model_args.vision_model, model_args.language_model]
-    return [name for name in sources if name and is_hub_id(name)]
-
-
 def write_card(folder: Path, model, model_args, data_args, trainer):
     """The model card of a finished run (an adapter card for a LoRA adapter). Its title and usage name
     --hub_model_id when given, else the local folder; `flaminko release` rewrites both for the repo id."""
@@ -342,7 +336,8 @@ def write_card(folder: Path, model, model_args, data_args, trainer):
     from .release import adapter_card
 
     repo_id = trainer.args.hub_model_id or str(folder)
-    bases = base_model_ids(model_args)
+    # Local backbone folders are left out of base_model by build_model_card; Hub ids stay.
+    sources = [model_args.model_name_or_path] if model_args.model_name_or_path else [model_args.vision_model, model_args.language_model]
     if (folder / "adapter_config.json").is_file():
         adapter_card(folder, repo_id).save(folder / "README.md")
         return
@@ -364,7 +359,7 @@ def write_card(folder: Path, model, model_args, data_args, trainer):
         trained_parameters=trained,
         repo_id=repo_id,
         title=Path(trainer.args.output_dir).name if not trainer.args.hub_model_id else None,
-        base_models=bases,
+        base_models=[name for name in sources if name],
         training=details,
         evaluation=rows,
     )

@@ -16,7 +16,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from conftest import noise_image, solid
+from conftest import solid
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = shutil.which("flaminko")

@@ -76,7 +76,7 @@ def test_chat_command_answers_in_the_format_the_demo_model_was_trained_on(demo):
     """The demo's model learned "<image>caption": chat prompts it so (the format its folder records),
     and an image sent alone gets its caption, not an empty answer."""
     out, _ = demo
-    path, truth = seen_image(out)
+    path, _ = seen_image(out)
     script = f"/image {path}\n\n/image /no/such/file.png\n/quit\n"
     result = subprocess.run(
         [shutil.which("flaminko") or sys.executable, *([] if shutil.which("flaminko") else ["-m", "flaminko.cli"]),
