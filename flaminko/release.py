@@ -164,7 +164,9 @@ def _card_metadata_problems(folder: Path) -> list[str]:
         return []
     base = ModelCard.load(folder / "README.md").data.base_model
     local = [name for name in ([base] if isinstance(base, str) else base or []) if not is_hub_id(name)]
-    return [f"model card: base_model holds local paths the Hub rejects: {', '.join(local)}"] if local else []
+    if not local:
+        return []
+    return [f"model card: base_model holds local paths the Hub rejects ({', '.join(local)}): put Hub ids there, or remove README.md to have one written"]
 
 
 def _is_flaminko_card(folder: Path) -> bool:

@@ -110,6 +110,11 @@ def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path):
     assert from_environment.returncode == 1 and "Traceback" in from_environment.stderr
 
 
+def test_demo_refuses_a_step_count_below_one(tmp_path, capsys):
+    assert_one_line_error(in_process(capsys, "demo", "--steps", "0", "--out", tmp_path / "demo"), "demo", "--steps must be at least 1")
+    assert not (tmp_path / "demo").exists()
+
+
 def test_argument_errors_are_argparse_one_liners():
     result = flaminko("caption", "x.png")
     assert result.returncode == 2 and "the following arguments are required: --model" in result.stderr

@@ -169,3 +169,14 @@ def test_conversion_and_training_folders_pass_the_check(backbones, tmp_path):
     card = ModelCard.load(final / "README.md")
     assert card.text.strip().splitlines()[0] == "# ko-captioner" and "## Training" in card.text and "flaminko train" in card.text
     assert 'from_pretrained("me/ko-captioner"' in card.text
+
+
+def test_a_users_own_card_with_a_path_as_base_model_is_refused_untouched(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    folder = bare_folder(model, processor, tmp_path / "model")
+    own = ModelCard(f"---\n{ModelCardData(license='mit', base_model='runs/ko/base-model').to_yaml()}\n---\n# my model\n")
+    own.save(folder / "README.md")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="base_model holds local paths the Hub rejects"):
+        release(folder, "me/ko")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
