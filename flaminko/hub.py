@@ -19,7 +19,7 @@ def is_hub_id(name: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if os.path.exists(name) or name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
         return False
     try:
         validate_repo_id(name)
