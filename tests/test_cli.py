@@ -255,6 +255,24 @@ def test_chat_uses_the_recorded_format_and_ends_quietly(trained, images):
     assert "Traceback" not in result.stderr
 
 
+def test_chat_shows_a_prompt_marker_on_a_terminal(trained):
+    import pty
+
+    _, out = trained
+    command = [CONSOLE_SCRIPT] if CONSOLE_SCRIPT else [sys.executable, "-m", "flaminko.cli"]
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*command, "chat", "--model", str(out / "final")],
+        stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    os.close(terminal)
+    os.write(controller, b"/quit\n")
+    stdout, stderr = process.communicate(timeout=300)
+    os.close(controller)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "\n> " in stdout, stdout
+
+
 def test_ctrl_c_ends_quietly(trained):
     _, out = trained
     command = [CONSOLE_SCRIPT] if CONSOLE_SCRIPT else [sys.executable, "-m", "flaminko.cli"]
