@@ -1,7 +1,38 @@
-"""The `flaminko` command: one subcommand per job."""
+"""The `flaminko` command: one subcommand per job.
+
+A subcommand is two functions and one line: `_add_<name>(commands)` builds its parser,
+`_<name>(args)` runs it (importing torch, transformers and the rest inside, so that `--help` and
+argument errors come at once), and RUNS maps the name to the run function.
+
+Conventions, the same for every subcommand:
+- a user mistake (ValueError, TypeError, OSError such as FileNotFoundError or an unreachable Hub,
+  ImportError, FloatingPointError) ends in one line, `flaminko <cmd>: error: <what and how to fix>`,
+  and exit status 2, never a traceback; `--debug` or FLAMINKO_DEBUG=1 shows the traceback;
+- Ctrl-C ends quietly with exit status 130;
+- a model is a local folder or a Hub id, checked before loading (flaminko.hub).
+"""
 
 import argparse
+import os
 import sys
+
+DEBUG_ENVIRONMENT_VARIABLE = "FLAMINKO_DEBUG"
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
+
+
+def _add_demo(commands):
+    demo = commands.add_parser("demo", help="train a small Korean captioner offline and caption unseen combinations")
+    demo.add_argument("--out", default="flaminko-demo", help="folder for the data, backbones, model and contact sheet")
+    demo.add_argument("--steps", type=int, help="Flaminko training steps (default 1500; the vision tower pretrains 2x)")
+    demo.add_argument("--seed", type=int, default=0)
+
+
+def _demo(args):
+    from .demo import DEMO_STEPS, run_demo
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    run_demo(out=args.out, steps=args.steps or DEMO_STEPS, seed=args.seed)
 
 
 def _add_convert(commands):
@@ -41,9 +72,13 @@ def _add_convert(commands):
 
 
 def _convert(args):
+    from . import register_auto_classes
     from .conversion.flamingo_mini import convert_flamingo_mini
     from .conversion.open_flamingo import convert_open_flamingo
 
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    register_auto_classes()  # the written folder carries the remote code and an auto_map
     if args.source == "flamingo-mini":
         summary = convert_flamingo_mini(args.checkpoint, args.out, vision=args.vision, language_model=args.lm)
     else:
@@ -115,68 +150,168 @@ def _eval(args):
     print(f"results: {args.out}/results.json")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="flaminko", description="Flaminko: a Hugging Face-native Flamingo.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_model_options(parser):
+    """--model, --device and --dtype, as caption and chat take them."""
+    parser.add_argument("--model", required=True, help="a Flaminko folder or Hub id")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights' dtype (default auto: the checkpoint's)",
+    )
 
-    demo = commands.add_parser("demo", help="train a small Korean captioner offline and caption unseen combinations")
-    demo.add_argument("--out", default="flaminko-demo", help="folder for the data, backbones, model and contact sheet")
-    demo.add_argument("--steps", type=int, help="Flaminko training steps (default 1500; the vision tower pretrains 2x)")
-    demo.add_argument("--seed", type=int, default=0)
+
+def _add_caption(commands):
+    caption = commands.add_parser("caption", help="caption images (files, folders, globs) with a Flaminko folder or Hub id")
+    _add_model_options(caption)
+    caption.add_argument("images", nargs="+", help="image files, folders (their images, sorted) or globs ('photos/*.jpg')")
+    caption.add_argument("--prompt", default="<image>", help="text around the image, with one <image> (default: %(default)s)")
+    caption.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=20)
+    caption.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=3)
+    caption.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="images per generate call")
+    caption.add_argument(
+        "--output", help="write the captions to this .tsv or .jsonl file (default: TSV lines on standard output)"
+    )
+
+
+def _caption(args):
+    from .inference import caption_to_file, expand_images
+
+    images = expand_images(args.images)
+    caption_to_file(
+        args.model,
+        images,
+        output=args.output,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def _add_chat(commands):
+    chat = commands.add_parser("chat", help="interactive image-text conversation, answers streamed")
+    _add_model_options(chat)
+    chat.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=64)
+
+
+def _chat(args):
+    from .inference import chat
+
+    chat(args.model, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
+
+
+def _add_release(commands):
+    release = commands.add_parser(
+        "release", help="check a model or adapter folder, fill in what a Hub release needs, upload with --push"
+    )
+    release.add_argument("folder", help="the model folder (e.g. runs/ko/final) or LoRA adapter folder")
+    release.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="ORG/NAME on the Hub")
+    release.add_argument(
+        "--base-model",
+        "--base_model",
+        dest="base_models",
+        action="append",
+        help="Hub id of a model this one is built on (repeat for several); for an adapter, the Hub id of its base "
+        "model. Default: the backbones' Hub ids, when they were loaded from the Hub",
+    )
+    release.add_argument("--license", help="the card's license (Hub license id, e.g. apache-2.0, mit, other); default: the card's, else apache-2.0")
+    release.add_argument("--push", action="store_true", help="upload (otherwise a dry run: check and list)")
+    release.add_argument("--private", action="store_true")
+
+
+def _release(args):
+    from .release import release
+
+    release(
+        args.folder, args.repo_id, push=args.push, private=args.private, base_models=args.base_models, license=args.license
+    )
+
+
+def _add_train(commands):
+    commands.add_parser(
+        "train",
+        add_help=False,
+        help="fine-tune with the Trainer (Flaminko options, then TrainingArguments; see `flaminko train --help`)",
+    )
+
+
+def _train(args):
+    from .training import main as train_main
+
+    train_main(args.arguments)
+
+
+RUNS = {
+    "demo": _demo,
+    "convert": _convert,
+    "eval": _eval,
+    "caption": _caption,
+    "chat": _chat,
+    "release": _release,
+    "train": _train,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flaminko",
+        description="Flaminko: a Hugging Face-native Flamingo.",
+        epilog=f"--debug (or {DEBUG_ENVIRONMENT_VARIABLE}=1) shows the traceback behind an error message.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
     _add_convert(commands)
     _add_eval(commands)
-    caption = commands.add_parser("caption", help="caption images with a Flaminko folder or Hub id")
-    caption.add_argument("--model", required=True)
-    caption.add_argument("images", nargs="+")
-    caption.add_argument("--prompt", default="<image>", help="text around the image, with one <image>")
-    caption.add_argument("--max-new-tokens", type=int, default=20)
-    caption.add_argument("--num-beams", type=int, default=3)
-    chat = commands.add_parser("chat", help="interactive image-text conversation, answers streamed")
-    chat.add_argument("--model", required=True)
-    chat.add_argument("--max-new-tokens", type=int, default=64)
-    release = commands.add_parser("release", help="check a model or adapter folder, fill in what a Hub release needs, upload")
-    release.add_argument("folder")
-    release.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    release.add_argument("--push", action="store_true", help="upload (otherwise only list what would be uploaded)")
-    release.add_argument("--private", action="store_true")
-    train = commands.add_parser(
-        "train", add_help=False, help="fine-tune with the Trainer (TrainingArguments + model and data arguments)"
-    )
-    train.add_argument("arguments", nargs="*", help="options (see `flaminko train --help`), or one YAML/JSON file")
+    _add_caption(commands)
+    _add_chat(commands)
+    _add_release(commands)
+    _add_train(commands)
+    return parser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line; an unreachable Hub gets the way round it."""
+    from .hub import OFFLINE_HINT, HubUnreachableError, endpoint, is_connection_error
+
+    message = " ".join(str(error).split()) or type(error).__name__
+    if is_connection_error(error) and not isinstance(error, HubUnreachableError):
+        message = f"cannot reach the Hugging Face Hub at {endpoint()} ({message}); {OFFLINE_HINT}"
+    return message
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get(DEBUG_ENVIRONMENT_VARIABLE)) or "--debug" in argv
+    argv = [argument for argument in argv if argument != "--debug"]
+    parser = build_parser()
     if argv[:1] == ["train"]:
         # The Trainer's own parser (HfArgumentParser) owns every option of this subcommand.
-        from .training import main as train_main
-
-        return train_main(argv[1:])
-    args = parser.parse_args(argv)
+        args = argparse.Namespace(command="train", arguments=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import DEMO_STEPS, run_demo
+        RUNS[args.command](args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        from .hub import is_connection_error
 
-            run_demo(out=args.out, steps=args.steps or DEMO_STEPS, seed=args.seed)
-        elif args.command == "convert":
-            _convert(args)
-        elif args.command == "eval":
-            _eval(args)
-        elif args.command == "caption":
-            from .inference import caption
+        if debug or not (isinstance(error, USER_ERRORS) or is_connection_error(error) or _is_hub_error(error)):
+            raise
+        parser.exit(2, f"flaminko {args.command}: error: {one_line(error)}\n")
 
-            captions = caption(args.model, args.images, args.prompt, args.max_new_tokens, args.num_beams)
-            for path, text in zip(args.images, captions):
-                print(f"{path}\t{text}")
-        elif args.command == "chat":
-            from .inference import chat
 
-            chat(args.model, max_new_tokens=args.max_new_tokens)
-        elif args.command == "release":
-            from .release import release
+def _is_hub_error(error: BaseException) -> bool:
+    """An HTTP error answered by the Hub (401, 404, 409...): its message is meant for the user."""
+    from huggingface_hub.errors import HfHubHTTPError
 
-            release(args.folder, args.repo_id, push=args.push, private=args.private)
-
-    except (ValueError, ImportError) as error:
-        parser.exit(2, f"flaminko {args.command}: error: {error}\n")
+    return isinstance(error, HfHubHTTPError)
 
 
 if __name__ == "__main__":

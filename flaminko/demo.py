@@ -250,6 +250,10 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
         f"never seen ({len(splits['test_unseen.tsv'])} images)"
     )
     print(f"contact sheet: {sheet}; total time {seconds:.0f} s")
+    # The folder records the prompt format it learned ("<image>caption"), so chat captions an image
+    # sent alone instead of answering "User: ... Assistant:" turns it never saw.
+    print(f"next: flaminko caption --model {final} {out / 'data' / 'images'}/test_unseen-*.png")
+    print(f"      flaminko chat --model {final}   (then '/image PATH' and Enter)")
     counts = {split: len(splits[split]) for split in accuracies}
     results = {
         "accuracy_all_test_images": sum(accuracies[split] * counts[split] for split in counts) / sum(counts.values()),

@@ -2,6 +2,12 @@
 
 from huggingface_hub import ModelCard, ModelCardData
 
+DEFAULT_LICENSE = "apache-2.0"
+# The usage snippet's model before a release names the repo id.
+LOCAL_FOLDER = "path/to/this/folder"
+# What loading a released folder needs: its code ships with it (remote code), so no package is installed.
+REQUIREMENTS = "transformers>=5.17, torch, pillow"
+
 CARD_TEMPLATE = """---
 {{ card_data }}
 ---
@@ -40,7 +46,10 @@ batch = processor(text="<image>Output:", images=[image])
 print(processor.batch_decode(model.generate(**batch, max_new_tokens=20, num_beams=3)))
 ```
 
-With `pip install flaminko`, `import flaminko` registers the classes and `trust_remote_code` is not needed.
+Nothing to install beyond `pip install "{{ requirements }}"`: the model's code
+(`configuration_flaminko.py`, `modeling_flaminko.py`, `processing_flaminko.py`) comes with it and
+`trust_remote_code=True` runs it. With the Flaminko package installed from its source repository,
+`import flaminko` registers the same classes and `trust_remote_code` is not needed.
 {% if training %}
 ## Training
 
@@ -51,7 +60,7 @@ With `pip install flaminko`, `import flaminko` registers the classes and `trust_
 | task | metric | value |
 |---|---|---|
 {% for row in evaluation %}| {{ row.task }} | {{ row.metric }} | {{ row.value }} |
-{% endfor %}{% endif %}
+{% endfor %}{% endif %}{{ kept_sections }}
 ## Limitations
 
 The model describes what its training data taught it; it can be wrong or biased, and it has not
@@ -85,19 +94,29 @@ def build_model_card(
     *,
     total_parameters: int,
     trained_parameters: int,
-    repo_id: str = "path/to/this/folder",
+    repo_id: str | None = None,
+    title: str | None = None,
     base_models: list[str] | None = None,
     datasets: list[str] | None = None,
     origin: str = "",
     training: str = "",
     evaluation: list[dict] | None = None,
-    license: str = "apache-2.0",
+    kept_sections: str = "",
+    license: str | None = None,
 ) -> ModelCard:
-    """A card for a Flaminko model with this config; evaluation rows are dicts with task, metric, value."""
+    """A card for a Flaminko model with this config, loaded as `repo_id` (a Hub id, or the local
+    folder before a release; `flaminko release` fills in the repo id) in its usage snippet; titled
+    with the repo's name unless `title` is given. Of base_models only Hub ids are kept: the Hub
+    rejects paths. Evaluation rows are dicts with task, metric, value; kept_sections is markdown
+    carried over from an earlier card."""
+    from .hub import is_hub_id
+
+    repo_id = repo_id or LOCAL_FOLDER
+    base_models = [name for name in base_models or [] if is_hub_id(name)]
     layers = config.cross_attn_layer_indices
     card_data = ModelCardData(
         language=["ko", "en"],
-        license=license,
+        license=license or DEFAULT_LICENSE,
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         base_model=base_models or None,
@@ -107,7 +126,7 @@ def build_model_card(
     return ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
-        title=repo_id.split("/")[-1],
+        title=title or ("Flaminko model" if repo_id == LOCAL_FOLDER else repo_id.rstrip("/").split("/")[-1]),
         origin=origin,
         vision=f"CLIP ViT, width {config.vision_config.hidden_size}, {config.vision_config.num_hidden_layers} layers",
         language=f"{config.text_config.model_type}, width {config.text_config.hidden_size}, "
@@ -122,4 +141,6 @@ def build_model_card(
         repo_id=repo_id,
         training=training,
         evaluation=evaluation or [],
+        kept_sections=kept_sections,
+        requirements=REQUIREMENTS,
     )

@@ -2,7 +2,11 @@
 
 A model folder needs config.json with an auto_map, safetensors weights, the processor files, the
 three remote-code files and a model card; a PEFT adapter folder needs adapter_config.json, its
-safetensors weights and a card naming its base model.
+safetensors weights and a card naming its base model on the Hub.
+
+Everything that cannot be filled in is checked before anything is written: a folder that is not a
+model folder, a bad repo id or an adapter without a Hub base model leaves the folder untouched.
+Cards name the repo id (title, usage) and only Hub ids as base_model: the Hub rejects paths.
 """
 
 import json
@@ -13,6 +17,10 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from . import register_auto_classes
+from .hub import is_hub_id
+from .hub_card import DEFAULT_LICENSE
+
 REMOTE_CODE = ("configuration_flaminko.py", "modeling_flaminko.py", "processing_flaminko.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_flaminko.FlaminkoConfig",
@@ -21,6 +29,8 @@ AUTO_MAP = {
     "AutoProcessor": "processing_flaminko.FlaminkoProcessor",
 }
 PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json")
+# Sections of a card written by `flaminko train` (or another Flaminko tool) that a release keeps.
+KEPT_SECTIONS = ("## Training", "## Evaluation")
 
 ADAPTER_CARD = """---
 {{ card_data }}
@@ -47,6 +57,62 @@ def is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
 
 
+def check_repo_id(repo_id: str) -> str:
+    """huggingface_hub's own validator, with the message of the command line."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"--repo-id {repo_id!r} is not a Hub repo id (ORG/NAME): {error}") from error
+    return repo_id
+
+
+def check_folder(folder: Path):
+    """A model or adapter folder, or a ValueError naming what it is instead (and the model folder
+    inside it, when there is one). Nothing is written."""
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file; give the model folder (e.g. runs/ko/final)")
+    if is_adapter(folder) or (folder / "config.json").is_file():
+        return
+    inside = sorted(p.parent for p in folder.glob("*/config.json")) + sorted(p.parent for p in folder.glob("*/adapter_config.json"))
+    hint = f"; did you mean {inside[-1] if (folder / 'final') not in inside else folder / 'final'}?" if inside else ""
+    raise ValueError(f"{folder} is not a model folder (no config.json or adapter_config.json); nothing was changed{hint}")
+
+
+def _config_base_models(folder: Path) -> list[str]:
+    config = json.loads((folder / "config.json").read_text())
+    names = [config.get(key, {}).get("_name_or_path") for key in ("vision_config", "text_config")]
+    return [name for name in names if name]
+
+
+def resolve_base_models(folder: Path, given: list[str] | None) -> tuple[list[str], list[str]]:
+    """(Hub ids for the card's base_model, local paths left out). Given ids must be Hub ids; an
+    adapter needs exactly one, given or recorded in adapter_config.json."""
+    for name in given or []:
+        if not is_hub_id(name):
+            raise ValueError(f"--base-model {name!r} is not a Hub repo id (ORG/NAME)")
+    if is_adapter(folder):
+        recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if given:
+            if len(given) != 1:
+                raise ValueError(f"An adapter has one base model; got --base-model {', '.join(given)}")
+            return given, []
+        if recorded and is_hub_id(recorded):
+            return [recorded], []
+        raise ValueError(
+            f"The adapter's base model is {recorded or 'not recorded'}, not a Hub model, so the released adapter "
+            "could not be loaded: release the base model first, then give --base-model ORG/NAME"
+        )
+    if given:
+        return given, []
+    names = _config_base_models(folder)
+    return [name for name in names if is_hub_id(name)], [name for name in names if not is_hub_id(name)]
+
+
 def problems(folder) -> list[str]:
     """What the folder lacks for a release (empty: ready)."""
     folder = Path(folder)
@@ -58,7 +124,7 @@ def problems(folder) -> list[str]:
             found.append("adapter weights: no adapter_model.safetensors")
         if not _card_names_base(folder):
             found.append("model card: no card naming the base model")
-        return found
+        return found + _card_metadata_problems(folder)
     if not (folder / "config.json").is_file():
         return ["config.json is missing: not a model folder"]
     config = json.loads((folder / "config.json").read_text())
@@ -76,23 +142,74 @@ def problems(folder) -> list[str]:
         found.append(f"processor: {', '.join(missing_processor)} missing")
     if not (folder / "README.md").is_file():
         found.append("model card: README.md missing")
+    return found + _card_metadata_problems(folder)
+
+
+def _blockers(folder: Path) -> list[str]:
+    """The problems a release cannot fix by filling in; checked before anything is written."""
+    if is_adapter(folder):
+        return [p for p in problems(folder) if p.startswith("adapter weights")]
+    config = json.loads((folder / "config.json").read_text())
+    found = [p for p in problems(folder) if p.startswith(("config.json: model_type", "processor"))]
+    if not list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin")):
+        found.append("weights: no .safetensors or .bin files")
+    if config.get("model_type") == "flaminko" and (folder / "README.md").is_file() and not _is_flaminko_card(folder):
+        found += _card_metadata_problems(folder)
     return found
 
 
-def fill_in(folder, repo_id: str) -> list[str]:
+def _card_metadata_problems(folder: Path) -> list[str]:
+    """What the Hub would reject in the card's metadata: base_model entries that are not Hub ids."""
+    if not (folder / "README.md").is_file():
+        return []
+    base = ModelCard.load(folder / "README.md").data.base_model
+    local = [name for name in ([base] if isinstance(base, str) else base or []) if not is_hub_id(name)]
+    if not local:
+        return []
+    return [f"model card: base_model holds local paths the Hub rejects ({', '.join(local)}): put Hub ids there, or remove README.md to have one written"]
+
+
+def _is_flaminko_card(folder: Path) -> bool:
+    """A card written by Flaminko (train, convert, an earlier release) or PEFT's generic one: rewritten
+    on release. A card of the user's own is kept as it is."""
+    card = ModelCard.load(folder / "README.md")
+    return "flaminko" in (card.data.tags or []) or "# Model Card for Model ID" in card.text
+
+
+def _kept_sections(folder: Path) -> str:
+    """The Training and Evaluation sections of the folder's card, to carry over to the rewritten one."""
+    if not (folder / "README.md").is_file():
+        return ""
+    text = ModelCard.load(folder / "README.md").text
+    starts = [text.find(f"\n{heading}\n") for heading in KEPT_SECTIONS if f"\n{heading}\n" in text]
+    if not starts:
+        return ""
+    end = text.find("\n## Limitations", min(starts))
+    return text[min(starts) : end if end > 0 else len(text)].rstrip() + "\n"
+
+
+def fill_in(folder, repo_id: str, *, base_models: list[str] | None = None, license: str | None = None) -> list[str]:
     """Add what can be made from the folder itself; returns what was added. Processor files and
     weights cannot be invented: those problems remain."""
     folder = Path(folder)
     added = []
+    rewrite_card = not (folder / "README.md").is_file() or _is_flaminko_card(folder)
     if is_adapter(folder):
-        # PEFT writes a generic card of its own; a release needs one that names the base model.
-        if not _card_names_base(folder):
-            adapter_card(folder, repo_id).save(folder / "README.md")
+        (base,) = base_models
+        config_path = folder / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        if adapter_config.get("base_model_name_or_path") != base:
+            adapter_config["base_model_name_or_path"] = base
+            config_path.write_text(json.dumps(adapter_config, indent=2) + "\n")
+            added.append(f"base_model_name_or_path {base} in adapter_config.json")
+        if rewrite_card:
+            adapter_card(folder, repo_id, license=license).save(folder / "README.md")
             added.append("README.md (adapter card)")
         return added
     if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         from .modeling_flaminko import FlaminkoForConditionalGeneration
 
+        register_auto_classes()
         FlaminkoForConditionalGeneration.from_pretrained(folder).save_pretrained(folder)
         added.append("safetensors weights (from the .bin files)")
     for name in REMOTE_CODE:
@@ -105,9 +222,9 @@ def fill_in(folder, repo_id: str) -> list[str]:
         config["auto_map"] = {**config.get("auto_map", {}), **AUTO_MAP}
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         added.append("auto_map in config.json")
-    if not (folder / "README.md").is_file():
-        model_card(folder, repo_id).save(folder / "README.md")
-        added.append("README.md (model card)")
+    if rewrite_card:
+        model_card(folder, repo_id, base_models=base_models, license=license).save(folder / "README.md")
+        added.append(f"README.md (model card for {repo_id})")
     return added
 
 
@@ -122,7 +239,13 @@ def _card_names_base(folder: Path) -> bool:
     return bool(base) and ModelCard.load(folder / "README.md").data.base_model == base
 
 
-def model_card(folder: Path, repo_id: str) -> ModelCard:
+def _card_license(folder: Path) -> str | None:
+    return ModelCard.load(folder / "README.md").data.license if (folder / "README.md").is_file() else None
+
+
+def model_card(folder: Path, repo_id: str, *, base_models: list[str] | None = None, license: str | None = None) -> ModelCard:
+    """The card of a model folder for `repo_id`; the Training and Evaluation sections of its present
+    card are kept."""
     from safetensors import safe_open
 
     from .configuration_flaminko import FlaminkoConfig
@@ -136,44 +259,70 @@ def model_card(folder: Path, repo_id: str) -> ModelCard:
                 shape = weights.get_slice(name).get_shape()
                 sizes[name] = math.prod(shape)
     total, trained = count_parameters(config, sizes)
-    base_models = [config.vision_config._name_or_path, config.text_config._name_or_path]
     return build_model_card(
         config,
         total_parameters=total,
         trained_parameters=trained,
         repo_id=repo_id,
-        base_models=[name for name in base_models if name] or None,
+        base_models=_config_base_models(folder) if base_models is None else base_models,
+        kept_sections=_kept_sections(folder),
+        license=license or _card_license(folder),
     )
 
 
-def adapter_card(folder: Path, repo_id: str) -> ModelCard:
+def adapter_card(folder: Path, repo_id: str, *, license: str | None = None) -> ModelCard:
+    """The card of a PEFT adapter folder, naming the base model of its adapter_config.json (a Hub id
+    once released; a local folder in a card that `flaminko train` writes, with no base_model metadata)."""
     base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or "base model"
     data = ModelCardData(
         language=["ko", "en"],
+        license=license or _card_license(folder) or DEFAULT_LICENSE,
         library_name="peft",
         pipeline_tag="image-text-to-text",
-        base_model=base,
+        base_model=base if is_hub_id(base) else None,
         tags=["flaminko", "flamingo", "lora", "peft"],
     )
-    return ModelCard.from_template(data, template_str=ADAPTER_CARD, title=repo_id.split("/")[-1], base=base, repo_id=repo_id)
+    title = repo_id.rstrip("/").split("/")[-1]
+    return ModelCard.from_template(data, template_str=ADAPTER_CARD, title=title, base=base, repo_id=repo_id)
 
 
-def release(folder, repo_id: str, *, push: bool = False, private: bool = False, token=None) -> list[str]:
-    """Check, fill in, and upload with --push (else only list). Returns the files of the release."""
+def release(
+    folder,
+    repo_id: str,
+    *,
+    push: bool = False,
+    private: bool = False,
+    base_models: list[str] | None = None,
+    license: str | None = None,
+    token=None,
+) -> list[str]:
+    """Check, fill in, and upload with --push (else a dry run that lists the files). Returns the files
+    of the release. Nothing is written when the folder cannot be made ready."""
     folder = Path(folder)
-    for note in fill_in(folder, repo_id):
+    check_repo_id(repo_id)
+    check_folder(folder)
+    bases, left_out = resolve_base_models(folder, base_models)
+    blockers = _blockers(folder)
+    if blockers:
+        raise ValueError(f"{folder} cannot be released (nothing was changed): " + "; ".join(blockers))
+    for name in left_out:
+        print(f"base_model: left out {name} (a local path; the Hub accepts only Hub ids: give --base-model ORG/NAME)")
+    for note in fill_in(folder, repo_id, base_models=bases, license=license):
         print(f"added: {note}")
     remaining = problems(folder)
     if remaining:
         raise ValueError(f"{folder} is not ready for release: " + "; ".join(remaining))
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     total = sum((folder / name).stat().st_size for name in files)
-    print(f"{'uploading' if push else 'would upload'} to {repo_id} ({'private' if private else 'public'}): "
-          f"{len(files)} files, {total:,} bytes")
     for name in files:
         print(f"  {name}  {(folder / name).stat().st_size:,}")
-    if push:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Release with flaminko")
+    summary = f"{len(files)} files, {total / 1e6:.1f} MB"
+    if not push:
+        print(f"ready to push: {summary} to {repo_id} ({'private' if private else 'public'}); add --push to upload")
+        return files
+    api = HfApi(token=token)
+    ModelCard.load(folder / "README.md").validate()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Release with flaminko")
+    print(f"pushed: {summary} to {api.endpoint}/{repo_id}")
     return files

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +18,23 @@ import torch
 from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from . import register_auto_classes
 from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
+from .hub import check_model_source
+from .inference import CAPTION_CHAT_TEMPLATE
 from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
 
+# Saved folders carry the remote code and an auto_map once the classes are registered.
+register_auto_classes()
+
 DATA_FORMATS = ("captions", "webdataset", "interleaved")
+USAGE = "flaminko train [--option VALUE ...] | flaminko train CONFIG.yaml | flaminko train CONFIG.json"
 
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "Flaminko: the model"
+
     model_name_or_path: str | None = field(default=None, metadata={"help": "a Flaminko folder or Hub id to start from"})
     vision_model: str | None = field(default=None, metadata={"help": "CLIP backbone, when starting from backbones"})
     language_model: str | None = field(default=None, metadata={"help": "causal-LM backbone, when starting from backbones"})
@@ -45,6 +55,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "Flaminko: the data"
+
     train_data: str = field(metadata={"help": "a caption table (.tsv/.csv/.jsonl), tar shards, or interleaved .jsonl"})
     data_format: str = field(default="captions", metadata={"help": "captions | webdataset | interleaved"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out data in the same format"})
@@ -52,6 +64,12 @@ class DataArguments:
     max_length: int | None = field(default=None, metadata={"help": "tokens per sample (default 32, interleaved 256)"})
     max_images: int = field(default=6, metadata={"help": "images per interleaved document"})
     hangul_only: bool = field(default=False, metadata={"help": "drop captions without Hangul (OpenFlaminKO)"})
+
+
+class TrainerArguments(TrainingArguments):
+    """TrainingArguments as they are, listed after Flaminko's own options in `flaminko train --help`."""
+
+    _argument_group_name = "The Trainer's own options (transformers.TrainingArguments)"
 
 
 # Checkpoints are written here first and renamed into place whole.
@@ -105,6 +123,8 @@ class FlaminkoTrainer(Trainer):
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(staged, final)
+            with suppress(OSError):  # only when empty: a crashed save's leftovers stay for inspection
+                os.rmdir(os.path.join(run_dir, STAGING))
             best = self.state.best_model_checkpoint
             if best and os.path.dirname(best) == os.path.join(run_dir, STAGING):
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
@@ -155,6 +175,41 @@ def wrap_with_lora(model, args: ModelArguments):
     return get_peft_model(model, config)
 
 
+def check_model_arguments(args: ModelArguments):
+    """The model sources exist (local folders or Hub models) and the overrides parse, before anything loads."""
+    if args.model_name_or_path:
+        check_model_source(args.model_name_or_path, option="--model_name_or_path")
+        return
+    if not (args.vision_model and args.language_model):
+        raise ValueError("Give --model_name_or_path, or both --vision_model and --language_model")
+    check_model_source(args.vision_model, option="--vision_model")
+    check_model_source(args.language_model, option="--language_model")
+    if args.config_overrides:
+        try:
+            overrides = json.loads(args.config_overrides)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config_overrides is not valid JSON ({error}): {args.config_overrides}") from error
+        if not isinstance(overrides, dict):
+            raise ValueError(f'--config_overrides must be a JSON object such as {{"freeze_language_model": false}}, got {args.config_overrides}')
+
+
+def check_precision(values: dict):
+    """--bf16 / --fp16 against the hardware, before TrainingArguments is built (its own error names
+    neither the flag nor the way out)."""
+    accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    on_cpu = values.get("use_cpu") or not accelerator
+    if values.get("bf16") and not values.get("use_cpu"):
+        if not accelerator:
+            raise ValueError(
+                "--bf16: this machine has no GPU (torch.cuda.is_available() is False); drop --bf16, "
+                "or add --use_cpu to train in bfloat16 on the CPU"
+            )
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--bf16: {torch.cuda.get_device_name()} has no bfloat16; use --fp16 instead")
+    if values.get("fp16") and on_cpu:
+        raise ValueError("--fp16 needs a GPU, and this run is on the CPU; drop --fp16 (or use --bf16 --use_cpu)")
+
+
 def load_model(args: ModelArguments, training_args: TrainingArguments):
     """(model, processor, base folder). A model built from backbones is saved first (by the main
     process), so that a LoRA adapter has a base folder to name."""
@@ -162,8 +217,6 @@ def load_model(args: ModelArguments, training_args: TrainingArguments):
         model = FlaminkoForConditionalGeneration.from_pretrained(args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
         return model, processor, args.model_name_or_path
-    if not (args.vision_model and args.language_model):
-        raise ValueError("Give --model_name_or_path, or both --vision_model and --language_model")
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
     model, processor = FlaminkoForConditionalGeneration.from_backbones(
         args.vision_model, args.language_model, cross_attn_every_n_layers=args.cross_attn_every_n_layers, **overrides
@@ -176,34 +229,70 @@ def load_model(args: ModelArguments, training_args: TrainingArguments):
     return model, processor, str(base)
 
 
-def load_datasets(args: DataArguments, seed: int):
+def _check_data_path(path: str, option: str, data_format: str):
+    if data_format == "webdataset":
+        # Shards: a glob of local files, webdataset's brace notation (shard-{000..009}.tar) or URLs.
+        if "{" in path or "://" in path or path.startswith("pipe:") or glob.glob(path):
+            return
+        raise FileNotFoundError(f"{option} {path}: no shard matches it")
+    if not os.path.isfile(path):
+        kind = "a folder, not a file" if os.path.isdir(path) else "no such file"
+        raise FileNotFoundError(f"{option} {path}: {kind}")
+
+
+def check_data_paths(args: DataArguments):
+    """The data options and paths, checked before anything is read or built."""
     if args.data_format not in DATA_FORMATS:
-        raise ValueError(f"--data_format must be one of {DATA_FORMATS}, got {args.data_format!r}")
+        raise ValueError(f"--data_format must be one of {', '.join(DATA_FORMATS)}, got {args.data_format!r}")
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.eval_data and args.eval_fraction:
+        raise ValueError("Give --eval_data or --eval_fraction, not both")
+    _check_data_path(args.train_data, "--train_data", args.data_format)
+    if args.eval_data:
+        _check_data_path(args.eval_data, "--eval_data", args.data_format)
 
-    def read(path):
+
+def load_datasets(args: DataArguments, seed: int):
+    """(train, eval) datasets, checked: paths, columns, at least one usable row, a split that leaves
+    rows on both sides. Runs before the model is built."""
+    check_data_paths(args)
+
+    def read(path, option):
         if args.data_format == "captions":
-            return CaptionTable(path, hangul_only=args.hangul_only)
-        if args.data_format == "interleaved":
-            return InterleavedDocuments(path, max_images=args.max_images)
-        # A glob of local shards, or webdataset's brace notation (shard-{000..009}.tar) as it is.
-        return CaptionShards(sorted(glob.glob(path)) or path, hangul_only=args.hangul_only)
+            dataset = CaptionTable(path, hangul_only=args.hangul_only)
+        elif args.data_format == "interleaved":
+            dataset = InterleavedDocuments(path, max_images=args.max_images)
+        else:
+            # A glob of local shards, or webdataset's brace notation (shard-{000..009}.tar) as it is.
+            return CaptionShards(sorted(glob.glob(path)) or path, hangul_only=args.hangul_only)
+        skipped = dict(getattr(dataset, "skipped", None) or {})
+        if skipped:
+            print(f"{option} {path}: skipped {skipped}")
+        if len(dataset) == 0:
+            reasons = f" (skipped: {', '.join(f'{count} {reason}' for reason, count in skipped.items())})" if skipped else ""
+            raise ValueError(f"{option} {path}: no usable {'documents' if args.data_format == 'interleaved' else 'rows'}{reasons}")
+        return dataset
 
-    train = read(args.train_data)
-    evaluation = read(args.eval_data) if args.eval_data else None
-    for name, dataset in (("train", train), ("eval", evaluation)):
-        if getattr(dataset, "skipped", None):
-            print(f"{name} data: skipped {dict(dataset.skipped)}")
-    if evaluation is None and args.eval_fraction > 0:
+    train = read(args.train_data, "--train_data")
+    evaluation = read(args.eval_data, "--eval_data") if args.eval_data else None
+    if args.eval_fraction > 0:
         if isinstance(train, CaptionShards):
-            raise ValueError("Streamed shards cannot be split: give --eval_data")
+            raise ValueError("Streamed shards cannot be split: give --eval_data instead of --eval_fraction")
         held_out = max(1, int(len(train) * args.eval_fraction))
+        if held_out >= len(train):
+            raise ValueError(f"--eval_fraction {args.eval_fraction} of {len(train)} rows leaves none to train on")
         generator = torch.Generator().manual_seed(seed)
         train, evaluation = torch.utils.data.random_split(train, [len(train) - held_out, held_out], generator=generator)
     return train, evaluation
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
-    """Run a fine-tuning; returns (trainer, folder of the final model or adapter)."""
+    """Run a fine-tuning; returns (trainer, folder of the final model or adapter). The arguments and
+    the data are checked before anything is built or written."""
+    check_data_paths(data_args)
+    check_model_arguments(model_args)
+    train_data, eval_data = load_datasets(data_args, training_args.seed)
     # The collator builds the model inputs from the samples' text and images, which are not
     # arguments of forward: the Trainer must hand the samples over untouched.
     training_args.remove_unused_columns = False
@@ -216,7 +305,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         # PEFT records the base model's name_or_path in adapter_config.json.
         model.name_or_path = base
         model = wrap_with_lora(model, model_args)
-    train_data, eval_data = load_datasets(data_args, training_args.seed)
     interleaved = data_args.data_format == "interleaved"
     collator = FlaminkoCollator(
         processor, max_length=data_args.max_length or (256 if interleaved else 32), interleaved=interleaved
@@ -229,31 +317,42 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         data_collator=collator,
         processing_class=processor,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.is_world_process_zero():
+        print(f"train loss {result.training_loss:.4f} (mean over {result.global_step} steps)")
     if eval_data is not None:
-        trainer.evaluate()
+        metrics = trainer.evaluate()
+        if trainer.is_world_process_zero():
+            print(f"eval loss {metrics['eval_loss']:.4f} ({len(eval_data)} held-out samples)")
     final = Path(training_args.output_dir) / "final"
     if trainer.is_world_process_zero():
         saved = trainer.model.merge_and_unload() if model_args.use_lora and model_args.merge else trainer.model
+        # The folder records the prompt format it was trained on, for `flaminko chat` and apply_chat_template.
+        processor.chat_template = CAPTION_CHAT_TEMPLATE
         saved.save_pretrained(final)
         processor.save_pretrained(final)
-        write_card(final, saved, base, model_args, data_args, trainer)
+        write_card(final, saved, model_args, data_args, trainer)
     return trainer, final
 
 
-def write_card(folder: Path, model, base: str, model_args, data_args, trainer):
-    """The model card of a finished run (an adapter card for a LoRA adapter)."""
+def write_card(folder: Path, model, model_args, data_args, trainer):
+    """The model card of a finished run (an adapter card for a LoRA adapter). Its title and usage name
+    --hub_model_id when given, else the local folder; `flaminko release` rewrites both for the repo id."""
     from .hub_card import build_model_card, parameter_counts
     from .release import adapter_card
 
+    repo_id = trainer.args.hub_model_id or str(folder)
+    # Local backbone folders are left out of base_model by build_model_card; Hub ids stay.
+    sources = [model_args.model_name_or_path] if model_args.model_name_or_path else [model_args.vision_model, model_args.language_model]
     if (folder / "adapter_config.json").is_file():
-        adapter_card(folder, folder.name).save(folder / "README.md")
+        adapter_card(folder, repo_id).save(folder / "README.md")
         return
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     evaluation = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    started_from = model_args.model_name_or_path or f"{model_args.vision_model} + {model_args.language_model}"
     details = (
-        f"Fine-tuned with `flaminko train` from `{base}` on `{data_args.train_data}` ({data_args.data_format}) "
-        f"for {trainer.state.global_step} steps"
+        f"Fine-tuned with `flaminko train` from `{started_from}` on `{os.path.basename(data_args.train_data)}` "
+        f"({data_args.data_format}) for {trainer.state.global_step} steps"
         + (f"; last training loss {losses[-1]:.4f}" if losses else "")
         + (" with LoRA (merged)" if model_args.use_lora else "")
         + "."
@@ -261,19 +360,48 @@ def write_card(folder: Path, model, base: str, model_args, data_args, trainer):
     rows = [{"task": "held-out captions", "metric": "loss", "value": f"{evaluation[-1]:.4f}"}] if evaluation else []
     total, trained = parameter_counts(model)
     card = build_model_card(
-        model.config, total_parameters=total, trained_parameters=trained, base_models=[base], training=details, evaluation=rows
+        model.config,
+        total_parameters=total,
+        trained_parameters=trained,
+        repo_id=repo_id,
+        title=Path(trainer.args.output_dir).name if not trainer.args.hub_model_id else None,
+        base_models=[name for name in sources if name],
+        training=details,
+        evaluation=rows,
     )
     card.save(folder / "README.md")
 
 
+def argument_parser() -> HfArgumentParser:
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, TrainerArguments),
+        prog="flaminko train",
+        usage=USAGE,
+        description="Fine-tune a Flaminko model with the Hugging Face Trainer. Options come from the command line "
+        "or from one YAML/JSON file; Flaminko's own options first, then the Trainer's.",
+    )
+
+
 def parse_arguments(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    """(ModelArguments, DataArguments, TrainingArguments) from the command line or one YAML/JSON
+    file; the precision flags are checked against the hardware first."""
+    parser = argument_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        if not os.path.isfile(argv[0]):
+            raise FileNotFoundError(f"{argv[0]}: no such file")
+        if argv[0].endswith(".json"):
+            values = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        else:
+            import yaml
+
+            values = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"{argv[0]}: expected a mapping of option names to values")
+    else:
+        values = vars(parser.parse_args(argv))
+    check_precision(values)
+    return parser.parse_dict(values)
 
 
 def main(argv=None):

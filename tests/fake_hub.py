@@ -7,6 +7,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 PIPELINE_TAGS = ("image-text-to-text", "text-generation", "image-to-text")
 
@@ -44,6 +46,13 @@ class FakeHub:
                 errors = [f"missing {key}" for key in ("language", "license", "library_name", "pipeline_tag") if key not in metadata]
                 if metadata.get("pipeline_tag") not in (None, *PIPELINE_TAGS):
                     errors.append(f"unknown pipeline_tag {metadata['pipeline_tag']}")
+                # As the Hub does: base_model names models on the Hub, never a path.
+                base = metadata.get("base_model")
+                for name in [base] if isinstance(base, str) else base or []:
+                    try:
+                        validate_repo_id(name)
+                    except HFValidationError:
+                        errors.append(f"base_model {name!r} is not a valid model id")
                 if errors:
                     return self._reply(400, {"error": "; ".join(errors)})
                 return self._reply(200, {"warnings": []})

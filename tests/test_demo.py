@@ -1,8 +1,11 @@
 """The main job: `flaminko demo` on a reduced budget learns; caption, chat and pipeline work on its folder."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -11,6 +14,7 @@ from transformers import pipeline
 from flaminko.cli import main
 from flaminko.demo import COLOURS, DEMO_STEPS, HELD_OUT, SHAPES, korean_font, run_demo
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 300
 assert STEPS < DEMO_STEPS
 
@@ -68,17 +72,21 @@ def test_caption_command(demo, capsys):
     assert name == path and caption.split(" ")[0] in COLOURS
 
 
-def test_chat_command_streams_answers(demo):
+def test_chat_command_answers_in_the_format_the_demo_model_was_trained_on(demo):
+    """The demo's model learned "<image>caption": chat prompts it so (the format its folder records),
+    and an image sent alone gets its caption, not an empty answer."""
     out, _ = demo
     path, _ = seen_image(out)
-    script = f"/image {path}\n무엇이 보이나요?\n/image /no/such/file.png\n/quit\n"
+    script = f"/image {path}\n\n/image /no/such/file.png\n/quit\n"
     result = subprocess.run(
-        [sys.executable, "-m", "flaminko.cli", "chat", "--model", str(out / "run" / "final")],
-        input=script, capture_output=True, text=True, timeout=120,
+        [shutil.which("flaminko") or sys.executable, *([] if shutil.which("flaminko") else ["-m", "flaminko.cli"]),
+         "chat", "--model", str(out / "run" / "final"), "--max_new_tokens", "8"],
+        input=script, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "(image 1 attached)" in result.stdout and "Assistant: " in result.stdout
-    assert "error: Cannot read image file '/no/such/file.png'" in result.stdout
+    assert "(image 1 attached" in result.stdout and "error: Cannot read image file '/no/such/file.png'" in result.stdout
+    answer = result.stdout.split("Assistant: ", 1)[1].splitlines()[0].strip()
+    assert answer.split(" ")[0] in COLOURS, result.stdout
 
 
 def test_pipeline_with_the_package(demo):
