@@ -137,7 +137,7 @@ def _add_eval(commands):
 def _eval(args):
     from .evaluation import evaluate
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "no_length_normalize")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "out", "no_length_normalize")}
     report = evaluate(args.model, **options, length_normalize=not args.no_length_normalize, output_dir=args.out)
     if report is None:
         return

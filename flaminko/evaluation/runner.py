@@ -35,20 +35,19 @@ from .prompts import (
 from .ranking import score_candidates
 from .rices import RICES
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_model(model, dtype: str = "auto", device=None):
-    """A Flaminko folder or Hub id (or a model already loaded) and its processor, in eval mode."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    """A Flaminko folder or Hub id (checked and loaded as `flaminko caption` loads it), or a
+    (model, processor) pair already loaded; in eval mode, on the device."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype is one of {', '.join(DTYPES)}; got {dtype!r}")
     if isinstance(model, (str, Path)):
-        processor = AutoProcessor.from_pretrained(model)
-        model = AutoModelForImageTextToText.from_pretrained(model, dtype=DTYPES[dtype])
-    else:
-        model, processor = model
+        from ..inference import load
+
+        return load(str(model), device=None if device is None else str(device), dtype=dtype)
+    model, processor = model
     if device is not None:
         model = model.to(device)
     return model.eval(), processor
