@@ -240,9 +240,40 @@ def _add_train(commands):
 
 
 def _train(args):
+    if any(argument in ("-h", "--help") for argument in args.arguments):
+        print(_train_help(), end="")
+        return
     from .training import main as train_main
 
     train_main(args.arguments)
+
+
+def _train_help() -> str:
+    """`flaminko train --help`. Rendering it imports TrainingArguments (and with it torch and
+    accelerate: seconds), so the text is kept in the user's cache, keyed by everything it depends on:
+    the versions, training.py itself and the terminal's width."""
+    import shutil
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from . import __version__
+
+    source = Path(__file__).with_name("training.py").stat()
+    key = f"{__version__}-{version('transformers')}-{source.st_mtime_ns}-{source.st_size}-{shutil.get_terminal_size().columns}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flaminko" / f"train-help-{key}.txt"
+    if cache.is_file():
+        return cache.read_text(encoding="utf-8")
+    from .training import argument_parser
+
+    text = argument_parser().format_help()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staged = cache.with_suffix(f".{os.getpid()}.tmp")
+        staged.write_text(text, encoding="utf-8")
+        staged.replace(cache)
+    except OSError:
+        pass  # a read-only home: the help is still printed, only not kept
+    return text
 
 
 RUNS = {

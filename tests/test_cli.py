@@ -89,15 +89,22 @@ def trained(backbones, images, tmp_path_factory):
     return result, out
 
 
-def test_help_is_quick_to_reach_and_train_help_lists_flaminko_options_first():
+def test_help_is_quick_to_reach_and_train_help_lists_flaminko_options_first(tmp_path):
     top = flaminko("--help")
     assert top.returncode == 0 and all(name in top.stdout for name in ("demo", "caption", "chat", "release", "train", "--debug"))
-    train = flaminko("train", "--help")
+    cache = tmp_path / "cache"
+    train = flaminko("train", "--help", env={"XDG_CACHE_HOME": cache})
     assert train.returncode == 0, train.stderr[-2000:]
     assert train.stdout.startswith("usage: flaminko train ")
     groups = [train.stdout.index(title) for title in ("Flaminko: the model:", "Flaminko: the data:", "The Trainer's own options")]
     assert groups == sorted(groups)
     assert train.stdout.index("--train_data") < train.stdout.index("--learning_rate")
+    # Rendered once (it imports TrainingArguments, hence torch), then read back from the cache.
+    (kept,) = (cache / "flaminko").glob("train-help-*.txt")
+    assert kept.read_text(encoding="utf-8") == train.stdout
+    kept.write_text("usage: flaminko train (kept)\n", encoding="utf-8")
+    again = flaminko("train", "--output_dir", "x", "-h", env={"XDG_CACHE_HOME": cache})
+    assert again.returncode == 0 and again.stdout == "usage: flaminko train (kept)\n"
 
 
 def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path):
