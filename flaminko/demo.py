@@ -32,7 +32,7 @@ from transformers import (
 
 from . import tiny
 from .inference import generate_captions
-from .training import DataArguments, ModelArguments, train
+from .training import DataArguments, ModelArguments, internal_file_bars_off, train
 
 COLOURS = {
     "빨간색": (215, 40, 40),
@@ -212,6 +212,7 @@ def contact_sheet(images, captions, truths, labels, path: Path, columns: int = 5
     sheet.save(path)
 
 
+@internal_file_bars_off()
 def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0) -> dict:
     """Pretrain a vision tower, train, save, reload, caption new images; returns the results."""
     started = time.perf_counter()

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import sys
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,23 @@ class TrainerArguments(TrainingArguments):
 STAGING = "checkpoint-staging"
 
 
+@contextmanager
+def internal_file_bars_off():
+    """Inside one command, the saves and loads it does for itself (the base model, every checkpoint,
+    the final model, the demo's stages) would each print transformers' per-file progress bar between
+    the command's own lines and the Trainer's bar. The Trainer's bar (its own tqdm) stays, and so do
+    the bars of the loads a user asks for (from_backbones, from_pretrained)."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
 class FlaminkoTrainer(Trainer):
     """The Trainer with three changes:
     - weight decay only on the gated cross-attention projections, as OpenFlamingo applies it
@@ -114,7 +131,8 @@ class FlaminkoTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging_checkpoint = True
         try:
-            super()._save_checkpoint(model, trial)
+            with internal_file_bars_off():
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging_checkpoint = False
         self.accelerator.wait_for_everyone()
@@ -224,8 +242,9 @@ def load_model(args: ModelArguments, training_args: TrainingArguments):
     base = Path(training_args.output_dir) / "base-model"
     with training_args.main_process_first(desc="saving the base model"):
         if training_args.process_index == 0:
-            model.save_pretrained(base)
-            processor.save_pretrained(base)
+            with internal_file_bars_off():
+                model.save_pretrained(base)
+                processor.save_pretrained(base)
     return model, processor, str(base)
 
 
@@ -329,8 +348,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         saved = trainer.model.merge_and_unload() if model_args.use_lora and model_args.merge else trainer.model
         # The folder records the prompt format it was trained on, for `flaminko chat` and apply_chat_template.
         processor.chat_template = CAPTION_CHAT_TEMPLATE
-        saved.save_pretrained(final)
-        processor.save_pretrained(final)
+        with internal_file_bars_off():
+            saved.save_pretrained(final)
+            processor.save_pretrained(final)
         write_card(final, saved, model_args, data_args, trainer)
     return trainer, final
 

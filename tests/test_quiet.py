@@ -67,3 +67,18 @@ def test_a_cpu_training_run_warns_nothing(backbones, caption_table, tmp_path):  
             use_cpu=False)
     messages = [f"{w.category.__name__}: {w.message}" for w in caught]
     assert messages == []
+
+
+def test_a_training_run_shows_no_bar_per_file_it_writes_and_gives_the_bars_back(backbones, caption_table, tmp_path, capfd):  # noqa: F811
+    from test_training import run
+
+    assert hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    # The base model, two checkpoints and the final model are written.
+    run(backbones, caption_table, tmp_path / "run", steps=4, eval_on_start=False, save_strategy="steps", save_steps=2)
+    shown = capfd.readouterr()
+    assert (tmp_path / "run" / "checkpoint-4").is_dir() and (tmp_path / "run" / "final").is_dir()
+    assert "Writing model shards" not in shown.err + shown.out
+    # The Trainer's own bar stays, and a user's own save afterwards shows transformers' bar again.
+    assert "4/4" in shown.err
+    assert hf_logging.is_progress_bar_enabled()
