@@ -803,6 +803,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
                 + (": for one sample use input_ids[None]" if input_ids.ndim == 1 else "")
             )
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has no sample (batch size 0): there is nothing to run")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: there is no text to run")
         for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):

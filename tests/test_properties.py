@@ -4,18 +4,23 @@ tensor reaches the model, it answers with logits or a ValueError/TypeError namin
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import build_model, noise_image
 
-WORDS = st.text(alphabet="가나다 ab", min_size=1, max_size=4)
+# A word holds a letter: a text of spaces alone is refused as empty, by design.
+WORDS = st.text(alphabet="가나다 ab", min_size=1, max_size=4).filter(str.strip)
 # A sample: words, each optionally followed by an <image>.
 SAMPLE = st.lists(st.tuples(WORDS, st.booleans()), min_size=1, max_size=4)
 
 
 def cases(count):
-    return settings(max_examples=count, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    # Derandomized: every run (CI's fresh clone included) tries the same examples; a new search is
+    # `pytest --hypothesis-seed=N`, and what it finds is pinned with @example.
+    return settings(
+        max_examples=count, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,7 @@ def test_any_pixel_values_tensor_gives_logits_or_a_named_error(pair, shape, dtyp
 
 
 @cases(40)
+@example(ids_shape=[0, 1], mask_shape=None, token=0)
 @given(
     ids_shape=st.lists(st.integers(0, 3), min_size=1, max_size=3),
     mask_shape=st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1, max_size=3)),
