@@ -16,8 +16,8 @@ SAMPLE = st.lists(st.tuples(WORDS, st.booleans()), min_size=1, max_size=4)
 
 
 def cases(count):
-    # Derandomized: every run (CI's fresh clone included) tries the same examples; a new search is
-    # `pytest --hypothesis-seed=N`, and what it finds is pinned with @example.
+    # Derandomized: every run (CI's fresh clone included) tries the same examples. To search anew,
+    # set derandomize=False locally; pin what a search finds with @example.
     return settings(
         max_examples=count, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
     )
