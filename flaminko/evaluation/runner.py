@@ -201,6 +201,8 @@ def evaluate(
     decoding.update(
         {k: v for k, v in {"num_beams": num_beams, "max_new_tokens": max_new_tokens}.items() if v is not None}
     )
+    if decoding.get("num_beams") == 1:
+        decoding.pop("length_penalty", None)  # a beam-search setting: greedy decoding would warn about it
     finder = None
     if rices:
         with state.main_process_first():  # the main process writes the feature cache; the others read it
