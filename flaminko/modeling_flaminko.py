@@ -950,8 +950,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.language_model))
-            if checkpointing and self.training and not _HOOKS_OUTSIDE_CHECKPOINT:
+            # Cheapest first: the layer walk runs only when training under transformers < 5.23.
+            if (
+                self.training
+                and not _HOOKS_OUTSIDE_CHECKPOINT
+                and any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.language_model))
+            ):
                 raise ValueError(
                     f"Gradient checkpointing of {self.config.text_config.model_type} layers needs transformers "
                     ">= 5.23: earlier versions recompute the layer hooks in backward, where this call's media are gone"
