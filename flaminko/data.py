@@ -57,7 +57,7 @@ def image_problem(path: Path) -> str | None:
 def read_jsonl(path: Path) -> list[dict]:
     """The objects of a JSON-lines file; a missing file or a broken line is named."""
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist or is not a file")
+        raise ValueError(f"Data file not found: {str(path)!r} does not exist or is not a file")
     records = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -80,7 +80,7 @@ def read_table(path: Path) -> list[dict]:
     if path.suffix not in (".tsv", ".csv"):
         raise ValueError(f"Caption tables are .tsv, .csv or .jsonl files; got {str(path)!r}")
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist or is not a file")
+        raise ValueError(f"Data file not found: {str(path)!r} does not exist or is not a file")
     with path.open(encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
 

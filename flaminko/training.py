@@ -214,7 +214,7 @@ def check_model_arguments(args: ModelArguments):
 def check_precision(values: dict):
     """--bf16 / --fp16 against the hardware, before TrainingArguments is built (its own error names
     neither the flag nor the way out)."""
-    accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    accelerator = torch.accelerator.is_available()
     on_cpu = values.get("use_cpu") or not accelerator
     if values.get("bf16") and not values.get("use_cpu"):
         if not accelerator:
@@ -309,7 +309,6 @@ def load_datasets(args: DataArguments, seed: int):
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
     """Run a fine-tuning; returns (trainer, folder of the final model or adapter). The arguments and
     the data are checked before anything is built or written."""
-    check_data_paths(data_args)
     check_model_arguments(model_args)
     train_data, eval_data = load_datasets(data_args, training_args.seed)
     # The collator builds the model inputs from the samples' text and images, which are not

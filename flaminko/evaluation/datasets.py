@@ -31,15 +31,6 @@ def _read_json(path: Path):
         raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ValueError(f"Data file not found: {str(path)!r}")
-    try:
-        return read_table(path)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} has a line that is not JSON: {error}") from None
-
-
 def _column(row: dict, names: tuple, path: Path):
     for name in names:
         if row.get(name) not in (None, ""):
@@ -81,7 +72,7 @@ def load_captioning(path, image_root=None, split: str | None = None) -> list[dic
             )
         return check_images(samples, path)
     grouped = defaultdict(list)
-    for row in _read_rows(path):
+    for row in read_table(path):
         image = _column(row, ("image", "image_path", "file_name"), path)
         captions = row.get("captions") or [_column(row, ("caption", "text"), path)]
         grouped[image] += [captions] if isinstance(captions, str) else list(captions)
@@ -117,7 +108,7 @@ def load_vqa(path, annotations=None, image_root=None) -> list[dict]:
     root = Path(image_root) if image_root else path.parent
     if path.suffix != ".json":
         samples = []
-        for number, row in enumerate(_read_rows(path)):
+        for number, row in enumerate(read_table(path)):
             samples.append(
                 {
                     "id": row.get("question_id", number),
@@ -201,7 +192,7 @@ def load_classification(path, class_names, image_root=None) -> list[dict]:
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     samples = []
-    for number, row in enumerate(_read_rows(path)):
+    for number, row in enumerate(read_table(path)):
         label = _column(row, ("label", "class_name"), path)
         if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and label not in class_names):
             if not 0 <= int(label) < len(class_names):
