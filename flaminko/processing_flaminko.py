@@ -140,9 +140,10 @@ def video_frames(video) -> list:
     return list(video)
 
 
-def sample_frames(frames: list, count: int) -> list:
-    """count frames evenly spaced over the video, first and last included (repeated when it is shorter)."""
-    return [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
+def frame_indices(length: int, count: int) -> list[int]:
+    """count frame indices evenly spaced over a clip of length frames, first and last included
+    (repeated when the clip is shorter)."""
+    return np.linspace(0, length - 1, count).round().astype(int).tolist()
 
 
 def _media_per_sample(media, counts: list[int], is_item, kind: str) -> list[list]:
@@ -358,18 +359,21 @@ class FlaminkoProcessor(ProcessorMixin):
         most_media = max(len(sample_media) for sample_media in media)
         if not most_media:
             return None
-        clips = [[[item] if kind == "image" else video_frames(item) for kind, item in sample] for sample in media]
-        lengths = [len(frames) for sample, sample_clips in zip(media, clips) for (kind, _), frames in zip(sample, sample_clips) if kind == "video"]
+        entries = [entry for sample_media in media for entry in sample_media]
+        clips = [[item] if kind == "image" else video_frames(item) for kind, item in entries]
+        lengths = [len(frames) for (kind, _), frames in zip(entries, clips) if kind == "video"]
         if 0 in lengths:
             raise ValueError("A video has no frames")
         num_frames = min(self.max_num_frames, max(lengths)) if lengths else 1
-        flat = [
-            load_image(frame)
-            for sample_clips in clips
-            for frames in sample_clips
-            for frame in sample_frames(frames, num_frames)
-        ]
-        pixels = self.image_processor(images=flat, return_tensors="pt")["pixel_values"]
+        # Each sampled frame is loaded and processed once; an image among videos (a still clip) and a
+        # short video repeat theirs by index.
+        frames, picks = [], []
+        for clip in clips:
+            indices = frame_indices(len(clip), num_frames)
+            position = {index: len(frames) + rank for rank, index in enumerate(dict.fromkeys(indices))}
+            frames += [load_image(clip[index]) for index in position]
+            picks += [position[index] for index in indices]
+        pixels = self.image_processor(images=frames, return_tensors="pt")["pixel_values"][picks]
         pixels = pixels.view(-1, num_frames, *pixels.shape[1:])
         pixel_values = pixels.new_zeros(len(media), most_media, *pixels.shape[1:])
         start = 0

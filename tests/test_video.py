@@ -63,6 +63,17 @@ def test_images_and_videos_in_one_prompt_keep_their_order(video_model):
     assert (batch["input_ids"] == processor.image_token_id).sum() == 2
 
 
+def test_each_sampled_frame_is_processed_once(video_model, monkeypatch):
+    _, processor = video_model
+    seen = []
+    image_processor = type(processor.image_processor)
+    original = image_processor.__call__
+    monkeypatch.setattr(image_processor, "__call__", lambda self, images, **kwargs: seen.append(len(images)) or original(self, images, **kwargs))
+    # 4 frames a clip: the image is one distinct frame, the 2-frame video two, the 10-frame video four.
+    processor(text="<image><video><video>", images=[noise_image(1)], videos=[frames(range(2)), frames(range(10))])
+    assert seen == [1 + 2 + 4]
+
+
 def test_batches_of_videos_and_placeholder_counts(video_model):
     _, processor = video_model
     batch = processor(text=["<image>하나", "<image><image>둘"], videos=[[frames([1, 2])], [frames([3]), frames([4, 5, 6])]])
