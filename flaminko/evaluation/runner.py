@@ -212,7 +212,11 @@ def evaluate(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
+    # RICES: each query's `needed` nearest support samples (most similar last), found once for every
+    # shot count and trial; a shot count takes the last (most similar) of them.
+    ranked = {}
     for count in shots:
+        effective = count or ZERO_SHOT_TEXT_DEMONSTRATIONS
         for trial in range(trials):
             run = f"{task}-{count}shot-trial{trial}"
             final = output_dir / f"predictions-{run}.jsonl"
@@ -226,10 +230,13 @@ def evaluate(
                 with part.open("a", encoding="utf-8") as sink:
                     for start in range(0, len(mine), batch_size):
                         batch = mine[start : start + batch_size]
-                        effective = count or ZERO_SHOT_TEXT_DEMONSTRATIONS
-                        retrieved = (
-                            finder.find([q["image"] for q in batch], effective) if finder else [None] * len(batch)
-                        )
+                        retrieved = [None] * len(batch)
+                        if finder:
+                            unranked = [q for q in batch if json.dumps(q["id"]) not in ranked]
+                            if unranked:
+                                found = finder.find([q["image"] for q in unranked], needed)
+                                ranked.update({json.dumps(q["id"]): row for q, row in zip(unranked, found)})
+                            retrieved = [ranked[json.dumps(q["id"])][-effective:] for q in batch]
                         demos = [
                             _demonstrations(q, support_set, count, seed + trial, r) for q, r in zip(batch, retrieved)
                         ]
