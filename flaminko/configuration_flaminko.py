@@ -54,7 +54,7 @@ def _as_config(value, default: dict, name: str) -> PreTrainedConfig:
     return CONFIG_MAPPING[model_type](**value)
 
 
-def _check_positive_ints(**settings):
+def check_positive_ints(**settings):
     for name, value in settings.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -124,7 +124,7 @@ class FlaminkoConfig(PreTrainedConfig):
         text_config = _as_config(text_config, DEFAULT_TEXT_CONFIG, "text_config")
         if not isinstance(vision_config, CLIPVisionConfig):
             raise ValueError(f"vision_config must be a CLIP vision config, got {type(vision_config).__name__}")
-        _check_positive_ints(
+        check_positive_ints(
             cross_attn_every_n_layers=cross_attn_every_n_layers,
             cross_attn_heads=cross_attn_heads,
             cross_attn_dim_head=cross_attn_dim_head,
@@ -136,7 +136,7 @@ class FlaminkoConfig(PreTrainedConfig):
             perceiver_ff_mult=perceiver_ff_mult,
         )
         if max_num_frames is not None:
-            _check_positive_ints(max_num_frames=max_num_frames)
+            check_positive_ints(max_num_frames=max_num_frames)
         num_layers = text_config.num_hidden_layers
         if cross_attn_layers is not None:
             if isinstance(cross_attn_layers, (str, bytes)) or not all(

@@ -31,6 +31,22 @@ def pair_text(caption: str) -> str:
     return f"{IMAGE_TOKEN}{caption.strip()}{END_OF_CHUNK_TOKEN}"
 
 
+# The text `flaminko train` teaches (pair_text: "<image>caption<|endofchunk|>") as a chat
+# template: a user turn is its images and text, the answer continues it and ends with
+# <|endofchunk|>. Training saves it with the processor (chat_template.jinja), so that chat prompts
+# a trained model the way it was trained; DEFAULT_CHAT_TEMPLATE's "User:/Assistant:" turns are for
+# models that learned them.
+CAPTION_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    f"{{%- if part['type'] == 'image' -%}}{IMAGE_TOKEN}{{%- elif part['type'] == 'text' -%}}{{{{ part['text'] }}}}{{%- endif -%}}"
+    "{%- endfor -%}{%- endif -%}"
+    f"{{%- if message['role'] == 'assistant' -%}}{END_OF_CHUNK_TOKEN}{{%- endif -%}}"
+    "{%- endfor -%}"
+)
+
+
 def caption_problem(caption, *, hangul_only: bool = False) -> str | None:
     """Why a caption is skipped, or None to keep it."""
     if not isinstance(caption, str) or not caption.strip():

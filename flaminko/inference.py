@@ -6,26 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-from .data import IMAGE_SUFFIXES
-from .processing_flaminko import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, load_image
+from .data import CAPTION_CHAT_TEMPLATE, IMAGE_SUFFIXES
+from .processing_flaminko import IMAGE_TOKEN, load_image
 
 CHAT_HELP = (
     "Type a message; '/image PATH' attaches an image to your next message, '/reset' starts over, "
     "'/quit' (or Ctrl-D) ends."
-)
-# The text `flaminko train` teaches (data.pair_text: "<image>caption<|endofchunk|>") as a chat
-# template: a user turn is its images and text, the answer continues it and ends with
-# <|endofchunk|>. Training saves it with the processor (chat_template.jinja), so that chat prompts
-# a trained model the way it was trained; DEFAULT_CHAT_TEMPLATE's "User:/Assistant:" turns are for
-# models that learned them.
-CAPTION_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    f"{{%- if part['type'] == 'image' -%}}{IMAGE_TOKEN}{{%- elif part['type'] == 'text' -%}}{{{{ part['text'] }}}}{{%- endif -%}}"
-    "{%- endfor -%}{%- endif -%}"
-    f"{{%- if message['role'] == 'assistant' -%}}{END_OF_CHUNK_TOKEN}{{%- endif -%}}"
-    "{%- endfor -%}"
 )
 CAPTION_CHAT_HINT = (
     "This model was trained on image-text pairs: attach an image and press Enter for its caption; "

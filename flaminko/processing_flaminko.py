@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
+from .configuration_flaminko import check_positive_ints
+
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
@@ -251,8 +253,7 @@ class FlaminkoProcessor(ProcessorMixin):
             tokenizer.add_tokens(missing, special_tokens=True)
         if tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        if not isinstance(max_num_frames, int) or max_num_frames < 1:
-            raise ValueError(f"max_num_frames must be an int >= 1, got {max_num_frames!r}")
+        check_positive_ints(max_num_frames=max_num_frames)
         self.image_token = image_token
         self.video_token = video_token
         self.max_num_frames = max_num_frames

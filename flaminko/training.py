@@ -19,9 +19,8 @@ from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArgum
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from . import register_auto_classes
-from .data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
+from .data import CAPTION_CHAT_TEMPLATE, CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
 from .hub import check_model_source
-from .inference import CAPTION_CHAT_TEMPLATE
 from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
 
 # Saved folders carry the remote code and an auto_map once the classes are registered.
