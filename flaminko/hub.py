@@ -54,6 +54,8 @@ def check_model_source(name: str, *, option: str = "--model") -> str:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise FileNotFoundError(f"{option} {name}: a folder without config.json, not a model folder")
         return name
     if os.path.exists(name):
         raise ValueError(f"{option} {name}: a file, but a model folder (with config.json) or a Hub id was expected")

@@ -64,11 +64,9 @@ def load(model_name_or_path, *, device: str | None = None, dtype: str = "auto"):
     from . import register_auto_classes
     from .hub import check_model_source
 
-    check_model_source(model_name_or_path, option="--model")
     device = resolve_device(device)
+    check_model_source(model_name_or_path, option="--model")
     register_auto_classes()
-    if os.path.isdir(model_name_or_path) and not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
-        raise FileNotFoundError(f"--model {model_name_or_path}: a folder without config.json, not a model folder")
     model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
     return model, AutoProcessor.from_pretrained(model_name_or_path)
 
