@@ -153,6 +153,11 @@ def _eval(args):
 def _add_model_options(parser):
     """--model, --device and --dtype, as caption and chat take them."""
     parser.add_argument("--model", required=True, help="a Flaminko folder or Hub id")
+    _add_device_options(parser)
+
+
+def _add_device_options(parser):
+    """--device and --dtype of a loaded model."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda when there is one, else cpu)")
     parser.add_argument(
         "--dtype",
@@ -202,6 +207,47 @@ def _chat(args):
     from .inference import chat
 
     chat(args.model, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
+
+
+def _add_serve(commands):
+    from .serve import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
+
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models) on transformers' serving stack"
+    )
+    serve.add_argument("model", metavar="MODEL", help="a Flaminko folder or Hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument(
+        "--served-model-name", "--served_model_name", dest="served_model_name",
+        help="the name clients give as `model` (default: MODEL as given; MODEL itself is always accepted)",
+    )
+    _add_device_options(serve)
+    serve.add_argument(
+        "--max-batch-size", "--max_batch_size", dest="max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+        help="most queued requests answered in one generate batch (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--batch-window-ms", "--batch_window_ms", dest="batch_window_ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
+        help="how long an idle server waits for more requests to join the first one's batch (default: %(default)s)",
+    )
+    serve.add_argument("--log-level", "--log_level", dest="log_level", default="warning", choices=("debug", "info", "warning", "error"))
+
+
+def _serve(args):
+    from .serve import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        served_model_name=args.served_model_name,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms,
+    )
 
 
 def _add_release(commands):
@@ -282,6 +328,7 @@ RUNS = {
     "eval": _eval,
     "caption": _caption,
     "chat": _chat,
+    "serve": _serve,
     "release": _release,
     "train": _train,
 }
@@ -300,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_caption(commands)
     _add_chat(commands)
+    _add_serve(commands)
     _add_release(commands)
     _add_train(commands)
     return parser

@@ -18,7 +18,6 @@ transformers' serving internals are not a public API: SERVING_TRANSFORMERS is th
 tested with (setup.cfg's `serve` extra), and a stack that changed ends in one clear ImportError.
 """
 
-import asyncio
 import base64
 import binascii
 import contextvars
@@ -28,10 +27,9 @@ import os
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
-
-from .processing_flaminko import load_image
 
 SERVING_TRANSFORMERS = ">=5.23,<5.24"
 INSTALL_HINT = "pip install 'flaminko[serve]'"
@@ -44,6 +42,15 @@ DEFAULT_BATCH_WINDOW_MS = 10
 
 # The request's `seed`, from the handler to the generation worker (both run in the request's task).
 _REQUEST_SEED: contextvars.ContextVar = contextvars.ContextVar("flaminko_request_seed", default=None)
+
+
+def tested_transformers() -> bool:
+    """Whether the installed transformers is in the range flaminko serve was tested with."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(SERVING_TRANSFORMERS).contains(version("transformers"))
 
 
 def _serving_stack():
@@ -80,6 +87,12 @@ def _serving_stack():
             f"transformers {version('transformers')} has changed the serving stack flaminko serve builds on "
             f"({error}); flaminko serve was tested with transformers{SERVING_TRANSFORMERS}: {INSTALL_HINT}"
         ) from error
+    if not tested_transformers():
+        warnings.warn(
+            f"flaminko serve was tested with transformers{SERVING_TRANSFORMERS}, this is {version('transformers')}: "
+            f"if a request fails inside transformers, {INSTALL_HINT}",
+            stacklevel=3,
+        )
     return chat_completion, model_manager, server, utils
 
 
@@ -99,6 +112,8 @@ def decode_image_url(url: str):
     """A PIL image from an `image_url`: a data URL (base64), a local path or `file://` URL, or an
     http(s) URL (fetched by transformers' `load_image`)."""
     from PIL import Image
+
+    from .processing_flaminko import load_image
 
     if not isinstance(url, str) or not url:
         raise ValueError("an image_url needs a non-empty `url` string")
@@ -161,6 +176,7 @@ class _BatchFinished(Exception):
 
 def _stack_class(utils):
     """The per-request streamer and the batching generation manager, on transformers' classes."""
+    import asyncio
 
     class RowStreamer(utils.DirectStreamer):
         """transformers' streamer for one request, cutting the text at the first `stop` string: text
@@ -171,6 +187,15 @@ def _stack_class(utils):
             self.stop = [stop] if isinstance(stop, str) else list(stop or [])
             self.stopped = False
             self._held = ""
+            self._received = ""
+
+        def finish(self, token_ids: list) -> None:
+            """Ends the stream; the incremental decoder keeps back bytes that do not yet form a
+            character, so what the whole answer decodes to beyond the text sent is sent first."""
+            whole = self._tokenizer.decode(token_ids, skip_special_tokens=True)
+            if not self.stopped and whole.startswith(self._received) and len(whole) > len(self._received):
+                self._enqueue(whole[len(self._received) :])
+            self.end()
 
         def fail(self, message: str) -> None:
             """Ends the stream with an error (generation failed)."""
@@ -186,6 +211,7 @@ def _stack_class(utils):
                 return
             if self.stopped:
                 return
+            self._received += item
             text = self._held + item
             cuts = [text.find(stop) for stop in self.stop if stop in text]
             if cuts:
@@ -229,7 +255,7 @@ def _stack_class(utils):
 
         def end(self) -> None:
             for job in self.jobs:
-                job.streamer.end()
+                job.streamer.finish(job.tokens)
 
     class BatchingGenerateManager(utils.BaseGenerateManager):
         """transformers' generation-manager interface over one worker thread that runs queued
@@ -362,8 +388,8 @@ def build_app(
         raise ValueError(f"--max-batch-size must be at least 1, got {max_batch_size}")
     if batch_window_ms < 0:
         raise ValueError(f"--batch-window-ms must be at least 0, got {batch_window_ms}")
-    device = resolve_device(device)
     check_model_source(model, option="MODEL")
+    device = resolve_device(device)
     chat_completion, model_manager, server, utils = _serving_stack()
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse

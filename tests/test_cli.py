@@ -91,7 +91,7 @@ def trained(backbones, images, tmp_path_factory):
 
 def test_help_is_quick_to_reach_and_train_help_lists_flaminko_options_first(tmp_path):
     top = flaminko("--help")
-    assert top.returncode == 0 and all(name in top.stdout for name in ("demo", "caption", "chat", "release", "train", "--debug"))
+    assert top.returncode == 0 and all(name in top.stdout for name in ("demo", "caption", "chat", "serve", "release", "train", "--debug"))
     cache = tmp_path / "cache"
     train = flaminko("train", "--help", env={"XDG_CACHE_HOME": cache})
     assert train.returncode == 0, train.stderr[-2000:]
