@@ -44,7 +44,7 @@ DEFAULT_BATCH_WINDOW_MS = 10
 _REQUEST_SEED: contextvars.ContextVar = contextvars.ContextVar("flaminko_request_seed", default=None)
 
 
-def tested_transformers() -> bool:
+def is_tested_transformers() -> bool:
     """Whether the installed transformers is in the range flaminko serve was tested with."""
     from importlib.metadata import version
 
@@ -87,7 +87,7 @@ def _serving_stack():
             f"transformers {version('transformers')} has changed the serving stack flaminko serve builds on "
             f"({error}); flaminko serve was tested with transformers{SERVING_TRANSFORMERS}: {INSTALL_HINT}"
         ) from error
-    if not tested_transformers():
+    if not is_tested_transformers():
         warnings.warn(
             f"flaminko serve was tested with transformers{SERVING_TRANSFORMERS}, this is {version('transformers')}: "
             f"if a request fails inside transformers, {INSTALL_HINT}",
@@ -379,8 +379,11 @@ def build_app(
     dtype: str = "auto",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+    log_level: str = "warning",
 ):
     """transformers' serving app for a Flaminko folder or Hub id (loaded now, kept loaded)."""
+    from transformers.utils import logging
+
     from .hub import check_model_source
     from .inference import resolve_device
 
@@ -399,6 +402,10 @@ def build_app(
     from .modeling_flaminko import FlaminkoForConditionalGeneration
 
     register_auto_classes()
+    # transformers' serving modules log every request and every load as a warning: they speak at
+    # info and below.
+    serving_level = log_level if log_level in ("debug", "info") else "error"
+    logging.get_logger("transformers.cli.serving").setLevel(logging.log_levels[serving_level])
     served_name = served_model_name or model
     _, manager_class = _stack_class(utils)
 
@@ -448,8 +455,10 @@ def build_app(
             _check_sampling(body)
             config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
             temperature, top_p = body.get("temperature"), body.get("top_p")
-            if (temperature is not None and temperature > 0) or (top_p is not None and top_p < 1):
+            if temperature != 0 and ((temperature is not None and temperature > 0) or (top_p is not None and top_p < 1)):
                 config.do_sample = True  # OpenAI's temperature > 0 samples; transformers' keeps the model's default
+            if not config.do_sample:  # greedy: sampling settings would only be warned about
+                config.temperature = config.top_p = None
             return config
 
         @staticmethod
@@ -531,14 +540,10 @@ def _check_sampling(body: dict) -> None:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", **options) -> None:
     """Load the model and serve it until interrupted."""
     import uvicorn
-    from transformers.utils import logging
 
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {port}")
-    # transformers' serving modules log every request as a warning; they speak at info and below.
-    serving_level = log_level if log_level in ("debug", "info") else "error"
-    logging.get_logger("transformers.cli.serving").setLevel(logging.log_levels[serving_level])
-    app = build_app(model, **options)
+    app = build_app(model, log_level=log_level, **options)
     print(f"Serving {options.get('served_model_name') or model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
 

@@ -26,9 +26,9 @@ pytest.importorskip("uvicorn")
 
 from flaminko import register_auto_classes  # noqa: E402
 from flaminko.data import CAPTION_CHAT_TEMPLATE  # noqa: E402
-from flaminko.serve import SERVING_TRANSFORMERS, BackgroundServer, build_app, tested_transformers  # noqa: E402
+from flaminko.serve import SERVING_TRANSFORMERS, BackgroundServer, build_app, is_tested_transformers  # noqa: E402
 
-if not tested_transformers():
+if not is_tested_transformers():
     pytest.skip(f"flaminko serve is tested with transformers{SERVING_TRANSFORMERS}", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
