@@ -123,12 +123,17 @@ def decode_image_url(url: str):
             raise ValueError("a data URL image must be base64-encoded (data:image/png;base64,...)")
         try:
             data = base64.b64decode(payload, validate=True)
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.load()
-                image = opened.copy()
         except (binascii.Error, ValueError) as error:
             raise ValueError(f"the data URL is not valid base64: {error}") from error
-        except (OSError, Image.DecompressionBombError, SyntaxError) as error:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as opened:
+                    opened.load()
+                    image = opened.copy()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"refusing the data URL's image: {error}") from error
+        except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"the data URL holds no decodable image: {error}") from error
         return load_image(image)
     scheme = urlparse(url).scheme

@@ -50,7 +50,7 @@ def folder(backbones, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    app = build_app(str(folder), served_model_name=NAME, device="cpu", batch_window_ms=50)
+    app = build_app(str(folder), served_model_name=NAME, device="cpu", batch_window_ms=100)
     with BackgroundServer(app) as url:
         yield app, openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
 
@@ -164,6 +164,24 @@ def test_concurrent_streams_are_batched_and_answer_as_alone(server):
     assert together == alone
     assert max(sizes[before:]) > 1, sizes[before:]
     assert len(set(alone)) > 1  # the requests differ, so a mixed-up answer would show
+
+
+def test_a_client_leaving_mid_stream_does_not_disturb_the_others(server):
+    app, client = server
+    messages = [user(image_part(data_url(noise_image(30))))]
+    alone = streamed(client, messages)[0]
+
+    def leave_early():
+        stream = client.chat.completions.create(model=NAME, messages=[user("안녕")], max_tokens=200, stream=True)
+        next(iter(stream))
+        stream.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        leaving = pool.submit(leave_early)
+        staying = pool.submit(lambda: streamed(client, messages)[0])
+        leaving.result()
+        assert staying.result() == alone
+    assert streamed(client, messages)[0] == alone
 
 
 @pytest.mark.parametrize(
