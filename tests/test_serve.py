@@ -241,15 +241,16 @@ def test_cli_serves_until_interrupted(folder):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--port", "70000"], "--port must be in 0..65535, got 70000"),
-        (["--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
+        (["FOLDER", "--port", "70000"], "--port must be in 0..65535, got 70000"),
+        (["FOLDER", "--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
+        (["runs/ko/final"], "MODEL runs/ko/final: no such folder, and not a Hub model id (ORG/NAME either)"),
     ],
 )
 def test_cli_errors_are_one_line(folder, capsys, arguments, message):
     from flaminko.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", str(folder), *arguments])
+        main(["serve", *(str(folder) if argument == "FOLDER" else argument for argument in arguments)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"flaminko serve: error: {message}"]
 
