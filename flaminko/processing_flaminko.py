@@ -28,7 +28,10 @@ DEFAULT_MAX_NUM_FRAMES = 8
 # assistant turn is closed by <|endofchunk|>, the token that ends generation.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{%- endif -%}"
+    "{{ '\\n' }}"
     "{%- else -%}"
     "{{ 'User: ' if message['role'] == 'user' else 'Assistant: ' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"

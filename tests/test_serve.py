@@ -135,6 +135,21 @@ def test_images_as_paths_and_file_urls_several_per_conversation(client, folder, 
     assert ask(client, only_first).message.content != expected  # the second image is seen
 
 
+def test_a_folder_without_a_recorded_format_gets_the_default_turns_with_a_system_message(folder, tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(folder, plain)
+    (plain / "chat_template.jinja").unlink()
+    conversation = [{"role": "system", "content": [{"type": "text", "text": "짧게."}]}, user({"type": "image"}, "무엇?")]
+    red = solid("red")
+    expected = reference(plain, conversation, [red])
+    with BackgroundServer(build_app(str(plain), served_model_name=NAME, device="cpu")) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        messages = [{"role": "system", "content": "짧게."}, user(image_part(data_url(red)), "무엇?")]
+        assert ask(client, messages).message.content == expected
+
+
 def test_seed_reproduces_a_sampled_answer(client):
     messages = [user(image_part(data_url(noise_image(3))))]
     answers = [ask(client, messages, temperature=1.0, seed=seed, max_tokens=12).message.content for seed in (7, 7, 8)]
