@@ -19,6 +19,7 @@ import torch
 import transformers
 from packaging import version
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask
 import transformers.initialization as init
 from transformers import (
     AutoConfig,
@@ -59,12 +60,31 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
-def _attention_function(config: FlaminkoConfig):
+def _attention_implementation(config: FlaminkoConfig) -> str:
     implementation = config._attn_implementation or "eager"
-    # Flash kernels take only 2-D padding masks; the media mask is per token, so they fall back to SDPA.
-    if "flash" in implementation:
-        implementation = "sdpa"
+    # Flash kernels take only 2-D padding masks; the media mask is per token, so they fall back to SDPA
+    # (whose own flash kernel still runs where no mask is needed).
+    return "sdpa" if "flash" in implementation else implementation
+
+
+def _attention_function(implementation: str):
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+def _media_mask_for(implementation: str, allowed: torch.Tensor | None, dtype: torch.dtype):
+    """The media mask (B, 1, T, K), True where a token may attend to a latent, as each attention
+    implementation takes it: boolean for SDPA (whose fused memory-efficient and cuDNN kernels accept
+    it), a BlockMask for flex attention (blocks no token may see are skipped), additive for eager."""
+    if allowed is None:
+        return None
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "flex_attention":
+        batch, _, queries, keys = allowed.shape
+        return create_block_mask(
+            lambda b, h, q, k: allowed[b, 0, q, k], batch, None, queries, keys, device=allowed.device
+        )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -109,7 +129,7 @@ class FlaminkoPerceiverAttention(nn.Module):
         query = _split_heads(self.to_q(latents), self.num_heads)
         key, value = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
         key, value = _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
-        attention = _attention_function(self.config)
+        attention = _attention_function(_attention_implementation(self.config))
         output, _ = attention(self, query, key, value, None, scaling=self.scaling, dropout=0.0)
         return self.to_out(output.flatten(2))
 
@@ -181,18 +201,20 @@ class FlaminkoCrossAttention(nn.Module):
         return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
 
     def forward(self, hidden_states, key, value, attention_mask, has_media) -> torch.Tensor:
-        """hidden_states (B, T, D); key, value (B / s, H, T_img * L, d); attention_mask (B, 1, T, T_img * L);
-        has_media (B, T, 1). s > 1 when the s sequences of a prompt (beams, returned sequences) share its
-        media: their queries then attend together, as s * T positions of one row."""
+        """hidden_states (B, T, D); key, value (B / s, H, T_img * L, d); attention_mask (B, 1, T, T_img * L),
+        True where a token may attend, or None where every token may attend to every latent; has_media
+        (B, T, 1). s > 1 when the s sequences of a prompt (beams, returned sequences) share its media:
+        their queries then attend together, as s * T positions of one row."""
         batch, length, _ = hidden_states.shape
         shared = batch // key.shape[0]
         query = _split_heads(self.to_q(self.norm(hidden_states)), self.num_heads)
-        mask = attention_mask.to(query.dtype)
         if shared > 1:
             query = query.view(-1, shared, *query.shape[1:]).transpose(1, 2).flatten(2, 3)
-            mask = mask.view(-1, shared, *mask.shape[1:]).transpose(1, 2).flatten(2, 3)
-        attention = _attention_function(self.config)
-        output, _ = attention(self, query, key, value, mask, scaling=self.scaling)
+            if attention_mask is not None:
+                attention_mask = attention_mask.view(-1, shared, *attention_mask.shape[1:]).transpose(1, 2).flatten(2, 3)
+        implementation = _attention_implementation(self.config)
+        mask = _media_mask_for(implementation, attention_mask, query.dtype)
+        output, _ = _attention_function(implementation)(self, query, key, value, mask, scaling=self.scaling)
         # (B / s, s * T, H, d) -> (B, T, H * d)
         output = output.reshape(batch, length, -1)
         # Tokens before the first image get no visual signal (their rows are zeroed, as in OpenFlamingo).
@@ -327,11 +349,12 @@ def media_positions(input_ids: torch.LongTensor, media_token_id: int, past_count
 
 
 def media_attention_mask(
-    positions: torch.LongTensor, num_images: int, num_latents: int, only_immediate: bool, dtype: torch.dtype
+    positions: torch.LongTensor, num_images: int, num_latents: int, only_immediate: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) -> additive mask (B, 1, T, num_images * num_latents), has_media (B, T, 1).
+    """positions (B, T) -> mask (B, 1, T, num_images * num_latents), True where a token may attend
+    to a latent; has_media (B, T, 1).
 
-    Rows of tokens with no image yet are left open (never all -inf, which gives NaN in SDPA) and
+    Rows of tokens with no image yet are left open (never all masked, which gives NaN in SDPA) and
     zeroed by has_media after attention.
     """
     image_index = torch.arange(1, num_images + 1, device=positions.device).repeat_interleave(num_latents)
@@ -341,9 +364,7 @@ def media_attention_mask(
         allowed = positions[..., None] >= image_index
     has_media = positions > 0
     allowed = allowed | ~has_media[..., None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
-    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[:, None], has_media[..., None]
+    return allowed[:, None], has_media[..., None]
 
 
 # OpenFlamingo's checkpoint layout. Kept here, below both the model's load_state_dict (which must
@@ -557,7 +578,11 @@ class FlaminkoPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
+    # The decoding step traces whole under a StaticCache (checks that read tensor values run on the
+    # prompt only). Not for LMs whose media travel in a context variable: see __init__.
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module):
         if isinstance(module, FlaminkoPerceiverResampler):
@@ -590,6 +615,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         )
         for i, layer in enumerate(decoder_layers(self.language_model)):
             layer.register_forward_pre_hook(_RouteMedia(i, self.cross_attn_layers), with_kwargs=True)
+        if config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
+            # Dynamo cannot trace ContextVar.set: the step breaks the graph there.
+            self._can_compile_fullgraph = False
         self.post_init()
         self.apply_freezing()
         self._set_generation_defaults()
@@ -807,6 +835,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError("input_ids has no sample (batch size 0): there is nothing to run")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: there is no text to run")
+        if isinstance(attention_mask, dict):
+            # generate's per-layer-type masks (full / sliding attention) for a static cache: built by transformers.
+            attention_mask = next((mask for mask in attention_mask.values() if mask is not None), None)
         for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
             if tensor is not None and not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -857,8 +888,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         self, input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion
     ):
         media_id = self.config.media_token_id
+        # Checked on the prompt only, and never while compiling: a check per decoding step would stall the GPU on a sync.
+        check_values = prompt and not torch.compiler.is_compiling()
         if image_features is None:
-            if media_id is not None and prompt and bool((input_ids == media_id).any()):
+            if media_id is not None and check_values and bool((input_ids == media_id).any()):
                 raise ValueError(
                     "input_ids contain <image> tokens but neither pixel_values nor image_features were given"
                 )
@@ -872,8 +905,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             )
         positions = media_positions(input_ids, media_id, past_image_token_count)
         num_images = image_features.shape[1]
-        # Checked on the prompt only: a check per decoding step would stall the GPU on a sync.
-        most = int(positions[:, -1].max()) if prompt and positions.numel() else 0
+        most = int(positions[:, -1].max()) if check_values and positions.numel() else 0
         if most > num_images:
             raise ValueError(
                 f"A sample has {most} <image> tokens but only {num_images} images were given per sample"
@@ -885,12 +917,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 f"media_key_values has {len(media_key_values)} entries for {len(self.cross_attn_layers)} gated blocks"
             )
         mask, has_media = media_attention_mask(
-            positions,
-            num_images,
-            image_features.shape[2],
-            self.config.only_attend_immediate_media,
-            image_features.dtype,
+            positions, num_images, image_features.shape[2], self.config.only_attend_immediate_media
         )
+        if num_images == 1:
+            # Every token may see the one image (tokens before it are zeroed after attention): with no
+            # mask, SDPA may pick its flash kernel.
+            mask = None
         key_values = {int(i): kv for i, kv in zip(self.cross_attn_layers.keys(), media_key_values)}
         return FlaminkoMedia(key_values, mask, has_media), media_key_values
 

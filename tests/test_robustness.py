@@ -137,8 +137,8 @@ def test_media_mask_equals_the_reference_definition(ids, num_latents, only_immed
     input_ids = torch.tensor(ids)
     media = 3
     num_images = max(1, int((input_ids == media).sum(-1).max()))
-    mask, has_media = media_attention_mask(media_positions(input_ids, media), num_images, num_latents, only_immediate, torch.float32)
-    ours = (mask[:, 0] == 0) & has_media
+    mask, has_media = media_attention_mask(media_positions(input_ids, media), num_images, num_latents, only_immediate)
+    ours = mask[:, 0] & has_media
     assert torch.equal(ours, reference_mask(input_ids, media, num_images, num_latents, only_immediate))
 
 
