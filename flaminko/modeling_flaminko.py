@@ -71,12 +71,16 @@ def _attention_function(implementation: str):
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
-def _media_mask_for(implementation: str, allowed: torch.Tensor | None, dtype: torch.dtype):
-    """The media mask (B, 1, T, K), True where a token may attend to a latent, as each attention
-    implementation takes it: boolean for SDPA (whose fused memory-efficient and cuDNN kernels accept
-    it), a BlockMask for flex attention (blocks no token may see are skipped), additive for eager."""
-    if allowed is None:
-        return None
+def media_mask_for_attention(
+    allowed: torch.Tensor, implementation: str, dtype: torch.dtype, rows_per_prompt: int = 1
+):
+    """allowed (B, 1, T, K), True where a token may attend to a latent -> the mask the cross-attention's
+    implementation takes, in its query layout (B / s, 1, s * T, K) for s = rows_per_prompt (see
+    FlaminkoCrossAttention): boolean for SDPA (whose fused memory-efficient and cuDNN kernels accept
+    it), a BlockMask for flex attention (blocks no token may see are skipped), additive for eager.
+    Built once per forward, for every gated block."""
+    if rows_per_prompt > 1:
+        allowed = allowed.view(-1, rows_per_prompt, *allowed.shape[1:]).transpose(1, 2).flatten(2, 3)
     if implementation == "sdpa":
         return allowed
     if implementation == "flex_attention":
@@ -201,20 +205,17 @@ class FlaminkoCrossAttention(nn.Module):
         return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
 
     def forward(self, hidden_states, key, value, attention_mask, has_media) -> torch.Tensor:
-        """hidden_states (B, T, D); key, value (B / s, H, T_img * L, d); attention_mask (B, 1, T, T_img * L),
-        True where a token may attend, or None where every token may attend to every latent; has_media
-        (B, T, 1). s > 1 when the s sequences of a prompt (beams, returned sequences) share its media:
-        their queries then attend together, as s * T positions of one row."""
+        """hidden_states (B, T, D); key, value (B / s, H, T_img * L, d); attention_mask from
+        media_mask_for_attention (B / s, 1, s * T, T_img * L), or None where every token may attend to
+        every latent; has_media (B, T, 1). s > 1 when the s sequences of a prompt (beams, returned
+        sequences) share its media: their queries then attend together, as s * T positions of one row."""
         batch, length, _ = hidden_states.shape
         shared = batch // key.shape[0]
         query = _split_heads(self.to_q(self.norm(hidden_states)), self.num_heads)
         if shared > 1:
             query = query.view(-1, shared, *query.shape[1:]).transpose(1, 2).flatten(2, 3)
-            if attention_mask is not None:
-                attention_mask = attention_mask.view(-1, shared, *attention_mask.shape[1:]).transpose(1, 2).flatten(2, 3)
-        implementation = _attention_implementation(self.config)
-        mask = _media_mask_for(implementation, attention_mask, query.dtype)
-        output, _ = _attention_function(implementation)(self, query, key, value, mask, scaling=self.scaling)
+        attention = _attention_function(_attention_implementation(self.config))
+        output, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling)
         # (B / s, s * T, H, d) -> (B, T, H * d)
         output = output.reshape(batch, length, -1)
         # Tokens before the first image get no visual signal (their rows are zeroed, as in OpenFlamingo).
@@ -916,13 +917,16 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError(
                 f"media_key_values has {len(media_key_values)} entries for {len(self.cross_attn_layers)} gated blocks"
             )
-        mask, has_media = media_attention_mask(
+        allowed, has_media = media_attention_mask(
             positions, num_images, image_features.shape[2], self.config.only_attend_immediate_media
         )
-        if num_images == 1:
-            # Every token may see the one image (tokens before it are zeroed after attention): with no
-            # mask, SDPA may pick its flash kernel.
-            mask = None
+        # With one image every token may see it (tokens before it are zeroed after attention): with no
+        # mask, SDPA may pick its flash kernel.
+        mask = None
+        if num_images > 1:
+            implementation = _attention_implementation(self.config)
+            dtype = self.get_input_embeddings().weight.dtype
+            mask = media_mask_for_attention(allowed, implementation, dtype, rows_per_prompt=media_expansion)
         key_values = {int(i): kv for i, kv in zip(self.cross_attn_layers.keys(), media_key_values)}
         return FlaminkoMedia(key_values, mask, has_media), media_key_values
 

@@ -173,7 +173,8 @@ def test_eager_sdpa_and_flex_cross_attention_agree(model_and_processor):
             config._attn_implementation = implementation
             assert modeling_flaminko._attention_implementation(config) == implementation
             run = torch.compile(attention, backend="eager", fullgraph=True) if implementation == "flex_attention" else attention
-            outputs[implementation] = run(hidden, key, value, mask, has_media)
+            implementation_mask = modeling_flaminko.media_mask_for_attention(mask, implementation, hidden.dtype)
+            outputs[implementation] = run(hidden, key, value, implementation_mask, has_media)
     config._attn_implementation = "sdpa"
     assert (outputs["eager"] - outputs["sdpa"]).abs().max() <= 1e-5
     assert (outputs["eager"] - outputs["flex_attention"]).abs().max() <= 1e-5
