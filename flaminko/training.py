@@ -159,18 +159,25 @@ def _has_accelerator(training_args: TrainingArguments) -> bool:
 
 
 def check_sharding(training_args: TrainingArguments):
-    """FSDP (`accelerate launch` with an FSDP config, or --fsdp) needs an accelerator: accelerate
-    shards only on accelerator devices and, on the CPU, trains plain DDP under the FSDP config
-    without a word (examples/accelerate_fsdp.yaml; README, sharded training)."""
+    """Sharded training launched on the CPU, where accelerate does something else than asked
+    (README, sharded training): FSDP (an FSDP accelerate config, or --fsdp) would run as plain DDP
+    without a word; DeepSpeed without --use_cpu would count one process and stop on DeepSpeed's
+    batch-size check."""
+    import accelerate
     from accelerate.utils import parse_flag_from_env
 
-    if (parse_flag_from_env("ACCELERATE_USE_FSDP") or training_args.fsdp) and not _has_accelerator(training_args):
-        import accelerate
-
+    if _has_accelerator(training_args):
+        return
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") or training_args.fsdp:
         raise ValueError(
             f"FSDP was asked for (an FSDP accelerate config or --fsdp) but this run is on the CPU, where accelerate "
             f"{accelerate.__version__} does not shard and would train DDP instead; run it on GPUs, or train DDP on "
             "CPU processes on purpose with torchrun --nproc_per_node N -m flaminko.cli train ... --use_cpu"
+        )
+    if (parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or training_args.deepspeed) and not training_args.use_cpu:
+        raise ValueError(
+            "DeepSpeed on a machine without a GPU needs --use_cpu: without it accelerate "
+            f"{accelerate.__version__} counts one process and DeepSpeed stops on its batch-size check"
         )
 
 

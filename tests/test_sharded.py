@@ -81,6 +81,41 @@ def test_train_refuses_an_fsdp_launch_on_cpu(backbones, caption_table, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_train_refuses_deepspeed_on_a_cpu_machine_without_use_cpu(backbones, caption_table, tmp_path, monkeypatch):  # noqa: F811
+    if torch.accelerator.is_available():
+        pytest.skip("DeepSpeed runs on the accelerator here")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    from flaminko.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--vision_model", str(backbones["vision"]), "--language_model", str(backbones["gpt_neox"]),
+              "--train_data", str(caption_table), "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert exit_.value.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_deepspeed_zero2_trains_on_two_cpu_processes(backbones, caption_table, tmp_path):  # noqa: F811
+    """accelerate launch with the ZeRO-2 example config, through `flaminko train`, as a user runs it:
+    each rank keeps its own shard of the optimizer states."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install 'flaminko[deepspeed]'")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "accelerate_deepspeed_zero2.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        "-m", "flaminko.cli", "train", "--vision_model", str(backbones["vision"]), "--language_model", str(backbones["gpt_neox"]),
+        "--train_data", str(caption_table), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--save_steps", "2", "--report_to", "none", "--use_cpu",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    shards = sorted(path.name for path in (out / "checkpoint-2" / "global_step2").glob("*optim_states.pt"))
+    assert len(shards) == 2 and all("zero_pp_rank_" in name for name in shards), shards
+    from safetensors.torch import load_file
+
+    start, final = load_file(out / "base-model" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert not torch.equal(start["perceiver.latents"], final["perceiver.latents"])
+    assert all(torch.equal(start[name], final[name]) for name in start if name.startswith("vision_model."))
+
+
 def accelerate_environment(config_file, launcher):
     """The environment `accelerate launch --config_file CONFIG` gives the training processes."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
