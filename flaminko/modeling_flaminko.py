@@ -216,7 +216,7 @@ class FlaminkoGatedCrossAttentionBlock(nn.Module):
 
     def project_media(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's media keys and values. A method of the block itself, so that FSDP2 can gather
-        the weights of a sharded block for it as it does for forward (see _gather_for_project_media)."""
+        the weights of a sharded block for it as it does for forward (see _register_project_media_with_fsdp)."""
         return self.attn.project_media(image_features)
 
     def forward(self, hidden_states, key=None, value=None, attention_mask=None, has_media=None) -> torch.Tensor:
@@ -284,7 +284,7 @@ class _KeepNewTokenRows:
         return grad * mask
 
 
-def _gather_for_project_media(blocks):
+def _register_project_media_with_fsdp(blocks):
     """FSDP2 (`fully_shard`, as accelerate's FSDP config applies it to the gated blocks) gathers a
     sharded module's weights around its forward only, and the media keys and values are projected
     once per call outside it (invariant 5): their method is registered as a forward method of each
@@ -872,7 +872,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     def project_media(self, image_features: torch.Tensor) -> tuple:
         """The media keys and values of every gated block, in layer order."""
         blocks = list(self.cross_attn_layers.values())
-        _gather_for_project_media(blocks)
+        _register_project_media_with_fsdp(blocks)
         return tuple(block.project_media(image_features) for block in blocks)
 
     def _build_media(
