@@ -90,6 +90,7 @@ def main(vision, language, table, checkpoint, phase, out):
 
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     assert dist.get_world_size() == WORLD_SIZE
     settings = fsdp_settings()
     model, collator = build(vision, language)
