@@ -37,6 +37,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+if torch.distributed.is_available():
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
 from .configuration_flaminko import FlaminkoConfig
 from .processing_flaminko import FlaminkoProcessor
 
@@ -234,6 +237,11 @@ class FlaminkoGatedCrossAttentionBlock(nn.Module):
         )
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
+    def project_media(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's media keys and values. A method of the block itself, so that FSDP2 can gather
+        the weights of a sharded block for it as it does for forward (see _register_project_media_with_fsdp)."""
+        return self.attn.project_media(image_features)
+
     def forward(self, hidden_states, key=None, value=None, attention_mask=None, has_media=None) -> torch.Tensor:
         if key is not None:
             attended = self.attn(hidden_states, key, value, attention_mask, has_media)
@@ -297,6 +305,18 @@ class _KeepNewTokenRows:
         mask = torch.zeros(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
         mask[rows] = 1
         return grad * mask
+
+
+def _register_project_media_with_fsdp(blocks):
+    """FSDP2 (`fully_shard`, as accelerate's FSDP config applies it to the gated blocks) gathers a
+    sharded module's weights around its forward only, and the media keys and values are projected
+    once per call outside it (invariant 5): their method is registered as a forward method of each
+    sharded block, once (registering wraps the method on the instance)."""
+    if not torch.distributed.is_available():
+        return
+    for block in blocks:
+        if isinstance(block, FSDPModule) and "project_media" not in vars(block):
+            register_fsdp_forward_method(block, "project_media")
 
 
 def _check_local_path(name_or_path, argument: str):
@@ -883,7 +903,9 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
 
     def project_media(self, image_features: torch.Tensor) -> tuple:
         """The media keys and values of every gated block, in layer order."""
-        return tuple(block.attn.project_media(image_features) for block in self.cross_attn_layers.values())
+        blocks = list(self.cross_attn_layers.values())
+        _register_project_media_with_fsdp(blocks)
+        return tuple(block.project_media(image_features) for block in blocks)
 
     def _build_media(
         self, input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion

@@ -158,6 +158,29 @@ def _has_accelerator(training_args: TrainingArguments) -> bool:
     return not training_args.use_cpu and torch.accelerator.is_available()
 
 
+def check_sharding(training_args: TrainingArguments):
+    """Sharded training launched on the CPU, where accelerate does other than it was asked
+    (README, sharded training): FSDP (an FSDP accelerate config, or --fsdp) would run as plain DDP
+    without a word; DeepSpeed without --use_cpu would count one process and stop on DeepSpeed's
+    batch-size check."""
+    import accelerate
+    from accelerate.utils import parse_flag_from_env
+
+    if _has_accelerator(training_args):
+        return
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") or training_args.fsdp:
+        raise ValueError(
+            f"FSDP was asked for (an FSDP accelerate config or --fsdp) but this run is on the CPU, where accelerate "
+            f"{accelerate.__version__} does not shard and would train DDP instead; run it on GPUs, or train DDP on "
+            "CPU processes on purpose with torchrun --nproc_per_node N -m flaminko.cli train ... --use_cpu"
+        )
+    if (parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or training_args.deepspeed) and not training_args.use_cpu:
+        raise ValueError(
+            "DeepSpeed on a machine without a GPU needs --use_cpu: without it accelerate "
+            f"{accelerate.__version__} counts one process and DeepSpeed stops on its batch-size check"
+        )
+
+
 def lora_target_modules(model: FlaminkoForConditionalGeneration, *, cross_attention: bool) -> str:
     """A full-name regex over the linear layers of the LM's decoder layers (and of the
     cross-attention when asked)."""
@@ -308,6 +331,7 @@ def load_datasets(args: DataArguments, seed: int):
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
     """Run a fine-tuning; returns (trainer, folder of the final model or adapter). The arguments and
     the data are checked before anything is built or written."""
+    check_sharding(training_args)
     check_model_arguments(model_args)
     train_data, eval_data = load_datasets(data_args, training_args.seed)
     # The collator builds the model inputs from the samples' text and images, which are not
