@@ -351,8 +351,6 @@ def _stack_class(utils):
 def collate(inputs: list[dict], pad_token_id: int) -> dict:
     """One generate batch from single-request inputs: prompts left-padded, images padded with blank
     ones up to the most any request has (a row never attends to images beyond its own `<image>`s)."""
-    import torch
-
     if len(inputs) == 1:
         return inputs[0]
     first = inputs[0]["input_ids"]
