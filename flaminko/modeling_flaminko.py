@@ -11,6 +11,7 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 """
 
 import contextvars
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.quantizers.auto import AutoQuantizationConfig
 
 from .configuration_flaminko import FlaminkoConfig
 from .processing_flaminko import FlaminkoProcessor
@@ -554,6 +556,12 @@ class FlaminkoPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlaminkoGatedCrossAttentionBlock", "FlaminkoPerceiverLayer"]
+    # Kept in full precision when from_pretrained gets a quantization_config without a skip list of
+    # its own: the vision tower and the resampler run once per generate call (quantizing them saves
+    # no decoding time and shifts every image feature), the gated blocks and the resampler are what
+    # fine-tuning trains (a quantized LM under them trains as in QLoRA), and the output layer picks
+    # each token. Not `_keep_in_fp32_modules`, which would also keep them fp32 in a float16 load.
+    _modules_not_to_quantize = ["vision_model", "perceiver", "cross_attn_layers", "lm_head"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -675,10 +683,26 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         _check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = cls._skip_precise_modules(kwargs["quantization_config"])
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Loading materialises fresh parameters, which forget requires_grad.
         model.apply_freezing()
         return model
+
+    @classmethod
+    def _skip_precise_modules(cls, quantization_config):
+        """A copy of quantization_config that leaves `_modules_not_to_quantize` unquantized, unless it
+        names its own modules to skip (bitsandbytes: llm_int8_skip_modules; the others:
+        modules_to_not_convert)."""
+        if isinstance(quantization_config, dict):
+            quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
+        field = "llm_int8_skip_modules" if hasattr(quantization_config, "llm_int8_skip_modules") else "modules_to_not_convert"
+        if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
+            return quantization_config
+        quantization_config = copy.deepcopy(quantization_config)
+        setattr(quantization_config, field, list(cls._modules_not_to_quantize))
+        return quantization_config
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes OpenFlamingo's checkpoint layout (`lang_encoder.*`, `perceiver.layers.i.0.*`),
