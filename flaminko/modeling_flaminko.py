@@ -36,7 +36,6 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.quantizers.auto import AutoQuantizationConfig
 
 from .configuration_flaminko import FlaminkoConfig
 from .processing_flaminko import FlaminkoProcessor
@@ -692,12 +691,16 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
 
     @classmethod
     def _skip_precise_modules(cls, quantization_config):
-        """A copy of quantization_config that leaves `_modules_not_to_quantize` unquantized, unless it
-        names its own modules to skip (bitsandbytes: llm_int8_skip_modules; the others:
-        modules_to_not_convert)."""
-        if isinstance(quantization_config, dict):
-            quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
-        field = "llm_int8_skip_modules" if hasattr(quantization_config, "llm_int8_skip_modules") else "modules_to_not_convert"
+        """quantization_config (a config or its dict) leaving `_modules_not_to_quantize` unquantized,
+        unless it names its own modules to skip (bitsandbytes: llm_int8_skip_modules; the others:
+        modules_to_not_convert). The caller's object is left unchanged."""
+        is_dict = isinstance(quantization_config, dict)
+        method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
+        field = "llm_int8_skip_modules" if method == "bitsandbytes" else "modules_to_not_convert"
+        if is_dict:
+            if quantization_config.get(field) is not None:
+                return quantization_config
+            return {**quantization_config, field: list(cls._modules_not_to_quantize)}
         if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
             return quantization_config
         quantization_config = copy.deepcopy(quantization_config)
