@@ -560,7 +560,7 @@ class FlaminkoPreTrainedModel(PreTrainedModel):
     # no decoding time and shifts every image feature), the gated blocks and the resampler are what
     # fine-tuning trains (a quantized LM under them trains as in QLoRA), and the output layer picks
     # each token. Not `_keep_in_fp32_modules`, which would also keep them fp32 in a float16 load.
-    _modules_not_to_quantize = ["vision_model", "perceiver", "cross_attn_layers", "lm_head"]
+    _modules_not_to_quantize = ["vision_model", "perceiver", "cross_attn_layers", "language_model.lm_head"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True

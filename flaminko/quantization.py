@@ -25,7 +25,7 @@ from .modeling_flaminko import FlaminkoForConditionalGeneration
 # call, and its error would shift every cross-attention), and the output layer (picks each token).
 # The gated blocks' query, output and feed-forward layers are read at every step, like the LM's, so
 # they are quantized. Patterns as in quantization_config's modules_to_not_convert.
-DYNAMIC_INT8_SKIPS = ("vision_model", "perceiver", "to_kv", "lm_head")
+DYNAMIC_INT8_SKIPS = ("vision_model", "perceiver", "to_kv", "language_model.lm_head")
 
 
 def quantize(model: FlaminkoForConditionalGeneration, *, modules_to_not_convert=DYNAMIC_INT8_SKIPS):
