@@ -16,9 +16,8 @@ import warnings
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers.quantizers_utils import should_convert_module
-
-from .modeling_flaminko import FlaminkoForConditionalGeneration
 
 # What a decoding step does not read, or what decides its result, stays float32: the vision tower
 # and the resampler (once per generate call), the gated blocks' media key/value projection (once per
@@ -28,12 +27,13 @@ from .modeling_flaminko import FlaminkoForConditionalGeneration
 DYNAMIC_INT8_SKIPS = ("vision_model", "perceiver", "to_kv", "language_model.lm_head")
 
 
-def quantize(model: FlaminkoForConditionalGeneration, *, modules_to_not_convert=DYNAMIC_INT8_SKIPS):
+def quantize(model, *, modules_to_not_convert=DYNAMIC_INT8_SKIPS):
     """Replaces the model's float32 `nn.Linear` layers, except those matching modules_to_not_convert
     (module-name prefixes, suffixes or regular expressions), with dynamically quantized int8 ones, in
     place; returns the model. CPU, float32 models only; the result runs `generate` and `forward`
-    but does not train and is not saved."""
-    if not isinstance(model, FlaminkoForConditionalGeneration):
+    but does not train and is not saved. Takes the class of this package and the same class loaded
+    as remote code (trust_remote_code=True)."""
+    if not (isinstance(model, PreTrainedModel) and model.config.model_type == "flaminko"):
         raise TypeError(f"quantize expects a FlaminkoForConditionalGeneration, got {type(model).__name__}")
     if model.device.type != "cpu":
         raise ValueError(

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForImageTextToText
 
 import flaminko
 from conftest import build_model, solid
@@ -75,7 +76,8 @@ def _relative_error(logits, reference):
 def test_quantization_config_quantizes_the_lm_and_keeps_the_rest_precise(saved_model, make_config, tolerance):
     folder, batch, reference_logits = saved_model
     config = make_config()
-    model = FlaminkoForConditionalGeneration.from_pretrained(folder, quantization_config=config)
+    # Through the Auto class, as users load it: it reaches Flaminko's from_pretrained.
+    model = AutoModelForImageTextToText.from_pretrained(folder, quantization_config=config)
     decoder = _linear_layers(model, "language_model.gpt_neox.layers")
     assert decoder and not any(_is_full_precision(module) for module in decoder.values())
     for prefix in PRECISE:
