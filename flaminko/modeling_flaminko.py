@@ -733,10 +733,16 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         """Set requires_grad from the config (OpenFlamingo's default: only the resampler, the
         gated blocks and the <image>/<|endofchunk|> embedding rows train)."""
         config = self.config
-        self.vision_model.requires_grad_(not config.freeze_vision_model)
-        self.language_model.requires_grad_(not config.freeze_language_model)
-        self.perceiver.requires_grad_(True)
-        self.cross_attn_layers.requires_grad_(True)
+        for module, trainable in (
+            (self.vision_model, not config.freeze_vision_model),
+            (self.language_model, not config.freeze_language_model),
+            (self.perceiver, True),
+            (self.cross_attn_layers, True),
+        ):
+            for parameter in module.parameters():
+                # Integer weights of a quantized layer (bitsandbytes) cannot take gradients: they stay frozen.
+                if parameter.is_floating_point():
+                    parameter.requires_grad_(trainable)
         if config.freeze_language_model and config.train_new_token_embeddings:
             self.get_input_embeddings().requires_grad_(True)
 

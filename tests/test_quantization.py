@@ -91,6 +91,9 @@ def test_quantization_config_quantizes_the_lm_and_keeps_the_rest_precise(saved_m
     assert _relative_error(logits, reference_logits) <= tolerance
     generated = model.generate(**batch, max_new_tokens=4, min_new_tokens=4)
     assert generated.shape == (1, batch["input_ids"].shape[1] + 4)
+    # A model trained with its LM unfrozen (as the demo's) loads too: the integer weights stay frozen.
+    unfrozen = AutoModelForImageTextToText.from_pretrained(folder, quantization_config=make_config(), freeze_language_model=False)
+    assert all(parameter.requires_grad for parameter in unfrozen.cross_attn_layers.parameters())
 
 
 @pytest.mark.skipif(not _installed("optimum.quanto"), reason="optimum-quanto is not installed")
