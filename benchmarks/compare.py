@@ -17,6 +17,7 @@ Needs the oracle: pip install --no-deps open-flamingo==2.0.1 einops einops-exts.
 import argparse
 import ctypes
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -165,17 +166,22 @@ def benchmark(models, tokenizer, image_size, repeats):
     return rows
 
 
-def fastest_quiet(run, repeats: int) -> tuple[float, list]:
-    """(seconds of the fastest sample taken while the rest of the machine was quiet, or of all if
-    none was; every sample's OtherLoad), after one untimed call."""
+def fastest_quiet(run, repeats: int, sample_seconds: float = 0.5) -> tuple[float, list]:
+    """(seconds of one call in the fastest sample taken while the rest of the machine was quiet, or
+    in the fastest of all if none was; every sample's OtherLoad), after one untimed call. A sample
+    repeats the call for about sample_seconds: /proc/stat counts in 10 ms ticks, too coarse to judge
+    the load during a single call of a few milliseconds."""
+    start = time.perf_counter()
     run()
+    calls = max(1, math.ceil(sample_seconds / max(time.perf_counter() - start, 1e-6)))
     timed = []
     for _ in range(repeats):
         with OtherLoad() as load:
-            run()
+            for _ in range(calls):
+                run()
         timed.append(load)
     quiet = [load for load in timed if not load.noisy] or timed
-    return min(load.wall_seconds for load in quiet), timed
+    return min(load.wall_seconds for load in quiet) / calls, timed
 
 
 def streaming_read_bandwidth(gigabytes: float = 0.5) -> tuple[float, list]:
