@@ -5,8 +5,9 @@
 A batch-1 decoding step on a CPU streams every weight it multiplies by once; stored as int8 instead of
 float32 they are a quarter of the bytes, and PyTorch's dynamic quantization (`quantize_dynamic`:
 int8 weights with a scale per output row, activations quantized on the fly per call) multiplies
-them with FBGEMM/oneDNN int8 kernels. On this project's CPU it decodes about twice as fast as float32
-eager, faster than the `quantization_config` quantizers (see the README, "Quantized loading").
+them with FBGEMM/oneDNN int8 kernels. Of the CPU paths measured for this project it decodes
+fastest, ahead of the `quantization_config` quantizers (README, "Quantized loading";
+benchmarks/quantize.py).
 
 It is CPU-only, for inference, and in memory only (a quantized model is not saved: quantize after
 loading). On a GPU load with `quantization_config=` (bitsandbytes, torchao) instead.
