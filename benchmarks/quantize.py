@@ -222,7 +222,7 @@ def main():
         error = (
             f"{row['agreement']:.1%} | {row['same_output']:.1%} | {row['logits_error']:.4f}" if "agreement" in row else "(reference) | | "
         )
-        memory = f"{row['weight_bytes'] / 2**20:.0f}" if row["weight_bytes"] >= 0 else "n/a"
+        memory = f"{row['weight_bytes'] / 2**20:.1f}" if row["weight_bytes"] >= 0 else "n/a"
         lines.append(
             f"| {row['variant']} | {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base:.2f}x | "
             f"{row['median_other_cpu_s']:.2f}, {row['noisy_samples']}/{len(row['samples'])} | {memory} | {error} |"
