@@ -8,12 +8,16 @@ its gates open, converts its checkpoint to Flaminko, and then times, alternating
 taking medians: generate (batch 1 and 8, 1 and 4 images per prompt, 32 new tokens, greedy and beam
 3), the decode rate inside it, a training step (forward + backward, frozen backbones) and peak
 memory. Checks that both give the same greedy tokens. Prints a markdown table and writes JSON.
+Every timed sample records the CPU time other processes used meanwhile (benchmarks/machine.py's
+OtherLoad): medians leave out noisy samples where quiet ones exist, and the table says how many
+samples were noisy. Run it on a quiet machine: the figures are only as good as that.
 Needs the oracle: pip install --no-deps open-flamingo==2.0.1 einops einops-exts.
 """
 
 import argparse
 import ctypes
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -31,6 +35,7 @@ from flaminko import FlaminkoForConditionalGeneration, tiny
 from flaminko.conversion import convert_open_flamingo
 from flaminko.conversion.reference import build_open_flamingo
 from gpu import StepClock, bytes_read_per_token, decode_matrices
+from machine import OtherLoad
 
 SHAPES = {
     # ViT-B/16-like vision + 12-layer 768-wide GPT-NeoX.
@@ -82,6 +87,20 @@ def inputs(tokenizer, batch: int, images: int, image_size: int, seed: int = 0):
     return input_ids, attention_mask, vision_x
 
 
+def quiet_median(values, loads):
+    """Median of the samples taken while the rest of the machine was quiet (of all, if none was)."""
+    quiet = [value for value, load in zip(values, loads) if not load.noisy]
+    return statistics.median(quiet or values)
+
+
+def load_summary(loads) -> dict:
+    return {
+        "other_cpu_s": [load.other_cpu_seconds for load in loads],
+        "noisy_samples": sum(load.noisy for load in loads),
+        "samples": len(loads),
+    }
+
+
 class PeakMemory:
     """Peak resident memory above the level at entry, sampled every millisecond."""
 
@@ -125,17 +144,20 @@ def benchmark(models, tokenizer, image_size, repeats):
                 row = {"batch": batch, "images": images, "beams": beams}
                 times = {name: [] for name in models}
                 rates = {name: [] for name in models}
+                loads = {name: [] for name in models}
                 for _ in range(repeats):
                     for name, model in models.items():  # alternating: one implementation, then the other
                         clock = StepClock(torch.device("cpu"))
-                        start = time.perf_counter()
-                        tokens = run_generate(name, model, input_ids, attention_mask, vision_x, NEW_TOKENS, beams, clock)
-                        times[name].append(time.perf_counter() - start)
+                        with OtherLoad() as load:
+                            tokens = run_generate(name, model, input_ids, attention_mask, vision_x, NEW_TOKENS, beams, clock)
+                        times[name].append(load.wall_seconds)
                         rates[name].append(clock.rate(batch))
+                        loads[name].append(load)
                         row[f"{name}_tokens"] = tokens[:, -NEW_TOKENS:].tolist()
                 for name in models:
-                    row[f"{name}_generate_s"] = statistics.median(times[name])
-                    row[f"{name}_decode_tokens_per_s"] = statistics.median(rates[name])
+                    row[f"{name}_generate_s"] = quiet_median(times[name], loads[name])
+                    row[f"{name}_decode_tokens_per_s"] = quiet_median(rates[name], loads[name])
+                    row[f"{name}_load"] = load_summary(loads[name])
                 row["same_tokens"] = row.pop("openflamingo_tokens") == row.pop("flaminko_tokens")
                 row["generate_speedup"] = row["openflamingo_generate_s"] / row["flaminko_generate_s"]
                 row["decode_speedup"] = row["flaminko_decode_tokens_per_s"] / row["openflamingo_decode_tokens_per_s"]
@@ -144,53 +166,76 @@ def benchmark(models, tokenizer, image_size, repeats):
     return rows
 
 
-def streaming_read_bandwidth(gigabytes: float = 0.5) -> float:
+def fastest_quiet(run, repeats: int, sample_seconds: float = 0.5) -> tuple[float, list]:
+    """(seconds of one call in the fastest sample taken while the rest of the machine was quiet, or
+    in the fastest of all if none was; every sample's OtherLoad), after one untimed call. A sample
+    repeats the call for about sample_seconds: /proc/stat counts in 10 ms ticks, too coarse to judge
+    the load during a single call of a few milliseconds."""
+    start = time.perf_counter()
+    run()
+    calls = max(1, math.ceil(sample_seconds / max(time.perf_counter() - start, 1e-6)))
+    timed = []
+    for _ in range(repeats):
+        with OtherLoad() as load:
+            for _ in range(calls):
+                run()
+        timed.append(load)
+    quiet = [load for load in timed if not load.noisy] or timed
+    return min(load.wall_seconds for load in quiet) / calls, timed
+
+
+def streaming_read_bandwidth(gigabytes: float = 0.5) -> tuple[float, list]:
     """Bytes per second at which this machine's cores stream through memory together (a sum over more
     data than any cache holds, best of 5): the hardware's bound on reading weights."""
     data = torch.randn(int(gigabytes * 2**30 / 4))
-    data.sum()
-    fastest = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        fastest = min(fastest, time.perf_counter() - start)
-    return data.numel() * data.element_size() / fastest
+    seconds, loads = fastest_quiet(data.sum, 5)
+    return data.numel() * data.element_size() / seconds, loads
 
 
-def matrix_vector_seconds(model) -> tuple[float, int]:
-    """(seconds, bytes) of one pass of PyTorch's own matrix-vector product over every matrix a decoded
-    token reads, with this model's shapes (best of 5): a decoding step with nothing else in it."""
+def matrix_vector_seconds(model, threads: int) -> tuple[float, int, list]:
+    """(seconds, bytes, OtherLoads) of one pass of PyTorch's own matrix-vector product on `threads`
+    threads over every matrix a decoded token reads, with this model's shapes (best of 5): a
+    decoding step with nothing else in it."""
     matrices = [p for p in decode_matrices(model) if p.ndim == 2]
     vectors = {width: torch.randn(1, width) for width in {m.shape[1] for m in matrices}}
-    fastest = float("inf")
-    with torch.no_grad():
-        for _ in range(6):
-            start = time.perf_counter()
+
+    def one_pass():
+        with torch.no_grad():
             for matrix in matrices:
                 torch.nn.functional.linear(vectors[matrix.shape[1]], matrix)
-            fastest = min(fastest, time.perf_counter() - start)
-    return fastest, sum(m.numel() * m.element_size() for m in matrices)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds, loads = fastest_quiet(one_pass, 5)
+    finally:
+        torch.set_num_threads(previous)
+    return seconds, sum(m.numel() * m.element_size() for m in matrices), loads
 
 
 def decode_bound(model, rows):
     """Batch-1 decoding against two bounds: the hardware's (every token reads the decode weights and
-    the cached media keys/values once, at the streaming bandwidth) and PyTorch's matrix-vector kernel's."""
+    the cached media keys/values once, at the streaming bandwidth) and PyTorch's matrix-vector
+    kernel's, on one thread and on all of them (the faster of the two is the bound)."""
     per_token = bytes_read_per_token(model)
-    streaming = streaming_read_bandwidth()
-    kernel_seconds, matrix_bytes = matrix_vector_seconds(model)
+    streaming, streaming_loads = streaming_read_bandwidth()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    one_thread_seconds, _ = matrix_vector_seconds(model)
-    torch.set_num_threads(threads)
+    kernel = {count: matrix_vector_seconds(model, count) for count in sorted({1, threads})}
+    matrix_bytes = kernel[threads][1]
+    fastest = min(seconds for seconds, _, _ in kernel.values())
     row = next(r for r in rows if (r["batch"], r["images"], r["beams"]) == (1, 1, 1))
     result = {
         "bytes_read_per_token": per_token,
         "streaming_bytes_per_s": streaming,
+        "streaming_load": load_summary(streaming_loads),
         "streaming_bound_tokens_per_s": streaming / per_token,
-        "matrix_vector_s": kernel_seconds,
         "matrix_vector_bytes": matrix_bytes,
-        "matrix_vector_one_thread_s": one_thread_seconds,
-        "matrix_vector_bound_tokens_per_s": 1 / kernel_seconds,
+        "matrix_vector": {
+            str(count): {"seconds": seconds, "bytes_per_s": matrix_bytes / seconds, "load": load_summary(loads)}
+            for count, (seconds, _, loads) in kernel.items()
+        },
+        "matrix_vector_s": fastest,
+        "matrix_vector_bound_tokens_per_s": 1 / fastest,
     }
     for name in ("flaminko", "openflamingo"):
         rate = row[f"{name}_decode_tokens_per_s"]
@@ -215,18 +260,21 @@ def training_inputs(tokenizer, image_size):
 
 def training_time(models, tokenizer, image_size, repeats):
     batch = training_inputs(tokenizer, image_size)
-    times = {name: [] for name in models}
+    loads = {name: [] for name in models}
     for name, model in models.items():
         model.train()
         train_step(name, model, *batch)  # warm-up
     for _ in range(repeats):
         for name, model in models.items():
-            start = time.perf_counter()
-            train_step(name, model, *batch)
-            times[name].append(time.perf_counter() - start)
+            with OtherLoad() as load:
+                train_step(name, model, *batch)
+            loads[name].append(load)
     for model in models.values():
         model.eval()
-    result = {f"{name}_train_step_s": statistics.median(values) for name, values in times.items()}
+    result = {}
+    for name, samples in loads.items():
+        result[f"{name}_train_step_s"] = quiet_median([load.wall_seconds for load in samples], samples)
+        result[f"{name}_train_load"] = load_summary(samples)
     result["train_step_ratio"] = result["flaminko_train_step_s"] / result["openflamingo_train_step_s"]
     return result
 
@@ -301,25 +349,35 @@ def memory_in_fresh_processes(folder: Path):
     return result
 
 
+def describe_loads(*summaries) -> str:
+    """"2.31 s, 1/6 noisy": the most CPU time others used during one sample, and the noisy count."""
+    others = [seconds for summary in summaries for seconds in summary["other_cpu_s"]]
+    noisy = sum(summary["noisy_samples"] for summary in summaries)
+    total = sum(summary["samples"] for summary in summaries)
+    return f"{max(others):.2f} s, {noisy}/{total} noisy" + (" NOISY" if noisy == total else "")
+
+
 def markdown(results):
     lines = [
         f"Shape `{results['shape']}` ({results['layers']} layers each), CPU ({results['threads']} threads), median of {results['repeats']}.",
         "",
-        "| batch | images | beams | generate OpenFlamingo (s) | generate Flaminko (s) | speed-up | decode tok/s OF | decode tok/s Flaminko | decode speed-up | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | images | beams | generate OpenFlamingo (s) | generate Flaminko (s) | speed-up | decode tok/s OF | decode tok/s Flaminko | decode speed-up | same tokens | others' CPU s (max), noisy samples |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["generation"]:
         lines.append(
             f"| {row['batch']} | {row['images']} | {row['beams']} | {row['openflamingo_generate_s']:.2f} | "
             f"{row['flaminko_generate_s']:.2f} | {row['generate_speedup']:.2f}x | {row['openflamingo_decode_tokens_per_s']:.1f} | "
-            f"{row['flaminko_decode_tokens_per_s']:.1f} | {row['decode_speedup']:.2f}x | {row['same_tokens']} |"
+            f"{row['flaminko_decode_tokens_per_s']:.1f} | {row['decode_speedup']:.2f}x | {row['same_tokens']} | "
+            f"{describe_loads(row['openflamingo_load'], row['flaminko_load'])} |"
         )
     train = results["training"]
     memory = results["memory"]
     lines += [
         "",
         f"Training step (batch 4, 2 images, forward + backward): OpenFlamingo {train['openflamingo_train_step_s']:.2f} s, "
-        f"Flaminko {train['flaminko_train_step_s']:.2f} s (ratio {train['train_step_ratio']:.2f}).",
+        f"Flaminko {train['flaminko_train_step_s']:.2f} s (ratio {train['train_step_ratio']:.2f}; others' CPU s (max), noisy samples: "
+        f"{describe_loads(train['openflamingo_train_load'], train['flaminko_train_load'])}).",
         f"Training-step memory (saved for backward + gradients, counted by autograd): OpenFlamingo "
         f"{(memory['openflamingo_train_saved_bytes'] + memory['openflamingo_train_gradient_bytes']) / 2**20:.0f} MiB, Flaminko "
         f"{(memory['flaminko_train_saved_bytes'] + memory['flaminko_train_gradient_bytes']) / 2**20:.0f} MiB "
@@ -330,17 +388,21 @@ def markdown(results):
     ]
     if "decode_bound" in results:
         bound = results["decode_bound"]
+        kernel = "; ".join(
+            f"{float(timing['seconds']) * 1e3:.1f} ms on {count} thread{'s' if count != '1' else ''} "
+            f"({timing['bytes_per_s'] / 1e9:.1f} GB/s, {describe_loads(timing['load'])})"
+            for count, timing in bound["matrix_vector"].items()
+        )
         lines.append(
             f"Batch-1 decode (1 image) against its bounds: a token reads {bound['bytes_read_per_token'] / 2**20:.0f} MiB "
             f"(LM and cross-attention weights, media keys/values). Streamed at the machine's "
-            f"{bound['streaming_bytes_per_s'] / 1e9:.1f} GB/s (a sum over 0.5 GiB on all cores), that allows "
-            f"{bound['streaming_bound_tokens_per_s']:.1f} tok/s: Flaminko reaches {bound['flaminko_fraction_of_streaming_bound']:.0%}, "
-            f"OpenFlamingo {bound['openflamingo_fraction_of_streaming_bound']:.0%}. PyTorch's matrix-vector product alone, "
-            f"once over each of these matrices, takes {bound['matrix_vector_s'] * 1e3:.1f} ms "
-            f"({bound['matrix_vector_bytes'] / bound['matrix_vector_s'] / 1e9:.1f} GB/s; {bound['matrix_vector_one_thread_s'] * 1e3:.1f} ms "
-            f"on one thread), so at most "
-            f"{bound['matrix_vector_bound_tokens_per_s']:.1f} tok/s with its kernels: Flaminko reaches "
-            f"{bound['flaminko_fraction_of_matrix_vector_bound']:.0%}, OpenFlamingo {bound['openflamingo_fraction_of_matrix_vector_bound']:.0%}."
+            f"{bound['streaming_bytes_per_s'] / 1e9:.1f} GB/s (a sum over 0.5 GiB on all cores; {describe_loads(bound['streaming_load'])}), "
+            f"that allows {bound['streaming_bound_tokens_per_s']:.1f} tok/s: Flaminko reaches "
+            f"{bound['flaminko_fraction_of_streaming_bound']:.0%}, OpenFlamingo {bound['openflamingo_fraction_of_streaming_bound']:.0%}. "
+            f"PyTorch's matrix-vector product alone, once over each of these matrices ({bound['matrix_vector_bytes'] / 2**20:.0f} MiB), "
+            f"takes {kernel}; at the faster, at most {bound['matrix_vector_bound_tokens_per_s']:.1f} tok/s with its kernels: "
+            f"Flaminko reaches {bound['flaminko_fraction_of_matrix_vector_bound']:.0%}, "
+            f"OpenFlamingo {bound['openflamingo_fraction_of_matrix_vector_bound']:.0%}."
         )
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ _PUBLIC = {
     "FlaminkoPreTrainedModel": "modeling_flaminko",
     "FlaminkoProcessor": "processing_flaminko",
     "create_model_and_transforms": "open_flamingo",
+    "quantize": "quantization",
 }
 
 __all__ = list(_PUBLIC)

@@ -11,6 +11,7 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 """
 
 import contextvars
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -596,6 +597,12 @@ class FlaminkoPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlaminkoGatedCrossAttentionBlock", "FlaminkoPerceiverLayer"]
+    # Kept in full precision when from_pretrained gets a quantization_config without a skip list of
+    # its own: the vision tower and the resampler run once per generate call (quantizing them saves
+    # no decoding time and shifts every image feature), the gated blocks and the resampler are what
+    # fine-tuning trains (a quantized LM under them trains as in QLoRA), and the output layer picks
+    # each token. Not `_keep_in_fp32_modules`, which would also keep them fp32 in a float16 load.
+    _modules_not_to_quantize = ["vision_model", "perceiver", "cross_attn_layers", "language_model.lm_head"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -724,10 +731,30 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         _check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = cls._skip_precise_modules(kwargs["quantization_config"])
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Loading materialises fresh parameters, which forget requires_grad.
         model.apply_freezing()
         return model
+
+    @classmethod
+    def _skip_precise_modules(cls, quantization_config):
+        """quantization_config (a config or its dict) leaving `_modules_not_to_quantize` unquantized,
+        unless it names its own modules to skip (bitsandbytes: llm_int8_skip_modules; the others:
+        modules_to_not_convert). The caller's object is left unchanged."""
+        is_dict = isinstance(quantization_config, dict)
+        method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
+        field = "llm_int8_skip_modules" if method == "bitsandbytes" else "modules_to_not_convert"
+        if is_dict:
+            if quantization_config.get(field) is not None:
+                return quantization_config
+            return {**quantization_config, field: list(cls._modules_not_to_quantize)}
+        if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
+            return quantization_config
+        quantization_config = copy.deepcopy(quantization_config)
+        setattr(quantization_config, field, list(cls._modules_not_to_quantize))
+        return quantization_config
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes OpenFlamingo's checkpoint layout (`lang_encoder.*`, `perceiver.layers.i.0.*`),
@@ -755,10 +782,16 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         """Set requires_grad from the config (OpenFlamingo's default: only the resampler, the
         gated blocks and the <image>/<|endofchunk|> embedding rows train)."""
         config = self.config
-        self.vision_model.requires_grad_(not config.freeze_vision_model)
-        self.language_model.requires_grad_(not config.freeze_language_model)
-        self.perceiver.requires_grad_(True)
-        self.cross_attn_layers.requires_grad_(True)
+        for module, trainable in (
+            (self.vision_model, not config.freeze_vision_model),
+            (self.language_model, not config.freeze_language_model),
+            (self.perceiver, True),
+            (self.cross_attn_layers, True),
+        ):
+            for parameter in module.parameters():
+                # Integer weights of a quantized layer (bitsandbytes) cannot take gradients: they stay frozen.
+                if parameter.is_floating_point():
+                    parameter.requires_grad_(trainable)
         if config.freeze_language_model and config.train_new_token_embeddings:
             self.get_input_embeddings().requires_grad_(True)
 
