@@ -75,7 +75,13 @@ def one_request(client, index: int, new_tokens: int) -> float:
     return first
 
 
-def measure(client, clients: int, requests_per_client: int, new_tokens: int) -> dict:
+def measure(url: str, clients: int, requests_per_client: int, new_tokens: int) -> dict:
+    """A fresh client (connection pool) per measurement: connections left idle while the other server
+    was measured are past uvicorn's keep-alive timeout, and reusing one as the server closes it
+    resets it (no retries here, so that a failure shows)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     total = clients * requests_per_client
     with OtherLoad() as load, ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
@@ -101,14 +107,13 @@ def main():
         samples = {(name, clients): [] for name in SERVERS for clients in CLIENTS}
         with BackgroundServer(apps["batching"]) as batching_url, BackgroundServer(apps["sequential"]) as sequential_url:
             urls = {"batching": batching_url, "sequential": sequential_url}
-            client = {name: openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) for name, url in urls.items()}
             for name in SERVERS:  # warm-up: first-call allocations out of the timings
-                one_request(client[name], 0, 2)
+                one_request(openai.OpenAI(base_url=urls[name], api_key="none", max_retries=0), 0, 2)
             for round_index in range(args.rounds):
                 order = list(SERVERS) if round_index % 2 == 0 else list(reversed(SERVERS))
                 for clients in CLIENTS:
                     for name in order:
-                        sample = measure(client[name], clients, args.requests, args.new_tokens)
+                        sample = measure(urls[name], clients, args.requests, args.new_tokens)
                         samples[name, clients].append(sample)
                         print(json.dumps({"round": round_index, "server": name, "clients": clients, **sample}), flush=True)
     rows = []
