@@ -47,6 +47,17 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def decode_image_file(source) -> Image.Image:
+    """The fully decoded PIL image of a path or a binary file object. An image over PIL's
+    decompression-bomb limit raises (Image.DecompressionBombError or DecompressionBombWarning)
+    before it is decoded, instead of only warning; an unreadable one raises PIL's own error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as opened:
+            opened.load()
+            return opened.copy()
+
+
 def load_image(image) -> Image.Image:
     """An RGB, upright PIL image from a PIL image or a file path (arrays and tensors are checked
     and passed on); a clear error for anything unreadable, empty, non-finite or too large to decode
@@ -59,11 +70,7 @@ def load_image(image) -> Image.Image:
         )
     if isinstance(image, (str, os.PathLike)):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(image) as opened:
-                    opened.load()
-                    image = opened.copy()
+            image = decode_image_file(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ValueError(f"Refusing image file {os.fspath(image)!r}: {error}") from error
         except (OSError, UnidentifiedImageError, SyntaxError) as error:

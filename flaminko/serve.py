@@ -113,7 +113,7 @@ def decode_image_url(url: str):
     http(s) URL (fetched by transformers' `load_image`)."""
     from PIL import Image
 
-    from .processing_flaminko import load_image
+    from .processing_flaminko import decode_image_file, load_image
 
     if not isinstance(url, str) or not url:
         raise ValueError("an image_url needs a non-empty `url` string")
@@ -126,11 +126,7 @@ def decode_image_url(url: str):
         except (binascii.Error, ValueError) as error:
             raise ValueError(f"the data URL is not valid base64: {error}") from error
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as opened:
-                    opened.load()
-                    image = opened.copy()
+            image = decode_image_file(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ValueError(f"refusing the data URL's image: {error}") from error
         except (OSError, SyntaxError, ValueError) as error:
