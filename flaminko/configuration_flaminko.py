@@ -4,8 +4,23 @@ blocks in front of any Hugging Face causal LM.
 Shipped to the Hub as remote code: imports only torch, transformers and sibling files.
 """
 
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+# The transformers releases these files are tested on, both ends in CI. Users run the shipped copies
+# on their own transformers, so what differs between releases is decided here, once.
+TRANSFORMERS_WINDOW = ">=5.23,<5.25"
+TRANSFORMERS_VERSION = Version(Version(transformers.__version__).base_version)
+if TRANSFORMERS_VERSION not in SpecifierSet(TRANSFORMERS_WINDOW):
+    raise ImportError(
+        f"Flaminko runs on transformers {TRANSFORMERS_WINDOW} and this is transformers {transformers.__version__}: "
+        f'pip install "transformers{TRANSFORMERS_WINDOW}"'
+    )
+# 5.24 renamed past_key_values to `cache` in forward, in generate's model kwargs and in outputs.
+CACHE_NAME = "cache" if TRANSFORMERS_VERSION >= Version("5.24") else "past_key_values"
 
 # CLIP ViT-L/14 at 224 px, the vision tower of OpenFlamingo and OpenFlaminKO.
 DEFAULT_VISION_CONFIG = {
@@ -76,7 +91,7 @@ class FlaminkoConfig(PreTrainedConfig):
     """
 
     model_type = "flaminko"
-    keys_to_ignore_at_inference = ["past_key_values", "image_features", "media_key_values", "image_token_count"]
+    keys_to_ignore_at_inference = [CACHE_NAME, "image_features", "media_key_values", "image_token_count"]
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     def __init__(

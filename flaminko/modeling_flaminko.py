@@ -17,8 +17,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import transformers
-from packaging import version
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask
 import transformers.initialization as init
@@ -37,11 +35,12 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-from .configuration_flaminko import FlaminkoConfig
+from .configuration_flaminko import CACHE_NAME, FlaminkoConfig
 from .processing_flaminko import FlaminkoProcessor
 
 # The keyword under which a call's media travel from this model through the LM to its layers.
@@ -50,8 +49,7 @@ MEDIA_KWARG = "flaminko_media"
 # media travel in a context variable instead (per thread and per nested call, like the keyword).
 LAYERS_WITHOUT_KWARGS = ("gptj", "mpt")
 _MEDIA_OF_THIS_CALL: contextvars.ContextVar = contextvars.ContextVar("flaminko_media", default=None)
-# From transformers 5.23 on, gradient checkpointing wraps a layer's forward, not its hooks.
-_HOOKS_OUTSIDE_CHECKPOINT = version.parse(transformers.__version__) >= version.parse("5.23.0")
+logger = logging.get_logger(__name__)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -330,15 +328,28 @@ def _check_local_path(name_or_path, argument: str):
         raise ValueError(f"{argument}: the folder {text!r} does not exist")
 
 
-def _is_prompt(past_key_values) -> bool:
+def _take_cache(cache, kwargs: dict):
+    """The cache, passed as `cache` or under its name before transformers 5.24, `past_key_values`
+    (deprecated from 5.24 on, as in transformers' own models)."""
+    old = kwargs.pop("past_key_values", None)
+    if old is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass cache or past_key_values, not both")
+    if CACHE_NAME != "past_key_values" and not torch.compiler.is_compiling():
+        logger.warning_once("`past_key_values` is deprecated: pass the cache as `cache`")
+    return old
+
+
+def _is_prompt(cache) -> bool:
     """Whether a call runs a prompt (nothing cached yet): the checks that read tensor values run
     then, and never in a decoding step (under torch.compile every call counts as a decoding step)."""
-    if past_key_values is None:
+    if cache is None:
         return True
     if torch.compiler.is_compiling():
         return False
     # A static cache counts its filled slots as a tensor once it holds tokens: only a prompt gets an int 0.
-    length = past_key_values.get_seq_length()
+    length = cache.get_seq_length()
     return isinstance(length, int) and length == 0
 
 
@@ -570,19 +581,32 @@ def place_open_flamingo_checkpoint(
     return len(mapped), notes
 
 
+def _cache_field_named_by_transformers(output_class):
+    """Renames the class's `cache` field to the installed transformers' name for it (before 5.24:
+    past_key_values), keeping the field order, so that generate finds the cache where it looks."""
+    if CACHE_NAME != "cache":
+        output_class.__annotations__ = {
+            (CACHE_NAME if name == "cache" else name): kind for name, kind in output_class.__annotations__.items()
+        }
+        setattr(output_class, CACHE_NAME, vars(output_class)["cache"])
+        delattr(output_class, "cache")
+    return output_class
+
+
 @dataclass
+@_cache_field_named_by_transformers
 class FlaminkoCausalLMOutputWithPast(ModelOutput):
     """
     image_features: (B, T_img, L, D_vision) resampled latents of the call's images.
     media_key_values: per gated block (in layer order), the projected media keys and values;
         pass them back with image_features to skip that work in later calls.
     image_token_count: (B,) <image> tokens seen up to the end of this call, including the cache;
-        pass it as past_image_token_count when decoding with past_key_values by hand.
+        pass it as past_image_token_count when decoding with a cache by hand.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_features: torch.FloatTensor | None = None
@@ -603,7 +627,7 @@ class FlaminkoPreTrainedModel(PreTrainedModel):
     # fine-tuning trains (a quantized LM under them trains as in QLoRA), and the output layer picks
     # each token. Not `_keep_in_fp32_modules`, which would also keep them fp32 in a float16 load.
     _modules_not_to_quantize = ["vision_model", "perceiver", "cross_attn_layers", "language_model.lm_head"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -956,7 +980,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
         if not prompt and past_image_token_count is None:
             raise ValueError(
-                "Decoding with past_key_values and images needs past_image_token_count: pass the "
+                "Decoding from a cache with images needs past_image_token_count: pass the "
                 "image_token_count of the previous call's output"
             )
         positions = media_positions(input_ids, media_id, past_image_token_count)
@@ -991,7 +1015,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         image_features: torch.FloatTensor | None = None,
         media_key_values: tuple | None = None,
@@ -1005,11 +1029,13 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
         image_features: resampled latents from a previous call or `get_image_features` (instead of pixel_values).
         media_key_values: the media keys/values of a previous call's output (with image_features).
-        past_image_token_count: (B,) <image> tokens in the cached prefix, when past_key_values is given by hand.
+        cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
+        past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.
         media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
             sequences share their prompt's images, which are encoded and projected once).
         """
-        prompt = _is_prompt(past_key_values)
+        cache = _take_cache(cache, kwargs)
+        prompt = _is_prompt(cache)
         self._check_text_inputs(input_ids, attention_mask, labels, prompt)
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("Flaminko takes input_ids, not inputs_embeds: the <image> tokens place the images")
@@ -1025,7 +1051,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             media_key_values = None
         elif image_features is not None:
             image_features = self._checked_image_features(image_features, input_ids, media_expansion, prompt)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         context = getattr(self.config.text_config, "max_position_embeddings", None)
         # (A static cache's length is a tensor: its size bounds the context itself.)
         if context is not None and isinstance(past_length, int) and past_length + input_ids.shape[1] > context:
@@ -1041,16 +1067,6 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            # Cheapest first: the layer walk runs only when training under transformers < 5.23.
-            if (
-                self.training
-                and not _HOOKS_OUTSIDE_CHECKPOINT
-                and any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.language_model))
-            ):
-                raise ValueError(
-                    f"Gradient checkpointing of {self.config.text_config.model_type} layers needs transformers "
-                    ">= 5.23: earlier versions recompute the layer hooks in backward, where this call's media are gone"
-                )
             context = _MEDIA_OF_THIS_CALL.set(media)
         else:
             context = None
@@ -1060,10 +1076,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 labels=labels,
                 use_cache=use_cache,
                 return_dict=True,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
         finally:
@@ -1080,7 +1096,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         return FlaminkoCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=image_features,
@@ -1089,11 +1105,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         )
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, pixel_values=None, image_features=None, media_key_values=None, **kwargs
+        self, input_ids, pixel_values=None, image_features=None, media_key_values=None, **kwargs
     ):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
             pixel_values=pixel_values if image_features is None else None,
             image_features=image_features,
             media_key_values=media_key_values,
@@ -1181,7 +1196,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         # Checked here, once: GenerationMixin derives position ids and the cache from the prompt
         # before the first forward, and would fail deep inside the LM on a malformed one.
         prompt_ids = kwargs.get("input_ids") if inputs is None else inputs
-        self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(kwargs.get("past_key_values")))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(cache))
         return super().generate(inputs, **kwargs)
 
 
