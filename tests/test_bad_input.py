@@ -5,6 +5,7 @@ import torch
 
 from conftest import noise_image
 from flaminko import FlaminkoConfig
+from flaminko.configuration_flaminko import CACHE_NAME
 
 PROMPT = "<image>빨간색 원<|endofchunk|><image>파란색"
 
@@ -84,7 +85,7 @@ def test_cached_decoding_without_the_image_count(model_and_processor, batch):
     model, _ = model_and_processor
     out = model(**batch, use_cache=True)
     with pytest.raises(ValueError, match="past_image_token_count"):
-        model(input_ids=batch["input_ids"][:, -1:], past_key_values=out.past_key_values, image_features=out.image_features)
+        model(input_ids=batch["input_ids"][:, -1:], cache=getattr(out, CACHE_NAME), image_features=out.image_features)
 
 
 def test_pixel_values_and_image_features_together(model_and_processor, batch):
@@ -135,13 +136,15 @@ def test_checks_add_no_host_sync_to_a_decoding_step(model_and_processor, batch):
 
     def decode():
         model(
-            input_ids=step, attention_mask=mask, past_key_values=copy.deepcopy(prompt.past_key_values),
+            input_ids=step, attention_mask=mask, cache=copy.deepcopy(getattr(prompt, CACHE_NAME)),
             image_features=prompt.image_features, media_key_values=prompt.media_key_values,
             past_image_token_count=prompt.image_token_count,
         )
 
     def bare_decode():
-        model.language_model(input_ids=step, attention_mask=mask, past_key_values=copy.deepcopy(bare_prompt.past_key_values))
+        model.language_model(
+            input_ids=step, attention_mask=mask, **{CACHE_NAME: copy.deepcopy(getattr(bare_prompt, CACHE_NAME))}
+        )
 
     assert host_syncs(decode) == host_syncs(bare_decode)
     assert host_syncs(lambda: model(**batch)) > host_syncs(
