@@ -1,0 +1,136 @@
+"""transformers' common model, configuration and processor tests, run against a tiny Flaminko.
+
+Copied by run.py into the tests/models/flaminko/ folder of transformers' unpacked source
+distribution, next to the mixins it imports; not part of Flaminko's own suite.
+"""
+
+import unittest
+
+import torch
+from transformers import CLIPImageProcessorPil
+
+from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration, FlaminkoProcessor
+from flaminko.tiny import shipped_text, train_tokenizer
+
+from ...test_configuration_common import ConfigTester
+from ...test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
+from ...test_processing_common import ProcessorTesterMixin
+from ...generation.test_utils import GenerationTesterMixin
+
+NOT_FOR_FLAMINGO = "not applicable to Flamingo: "
+
+
+class FlaminkoModelTester:
+    """A LLaMA text model with a gated block before each of its 2 layers; 2 images per sample."""
+
+    def __init__(self, parent, batch_size=3, seq_length=9, num_images=2, image_size=16, vocab_size=99):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.num_images = num_images
+        self.image_size = image_size
+        self.vocab_size = vocab_size
+        self.media_token_id = vocab_size - 2
+        self.eoc_token_id = vocab_size - 1
+        self.pad_token_id = 0
+        self.is_training = True
+        self.num_hidden_layers = 2
+        self.hidden_size = 32
+        self.num_attention_heads = 4
+        self.text_config = dict(
+            model_type="llama",
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=37,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=self.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        self.vision_config = dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+            projection_dim=8,
+            hidden_act="quick_gelu",
+        )
+        self.expected_num_hidden_layers = self.num_hidden_layers + 1
+
+    def get_config(self):
+        return FlaminkoConfig(
+            vision_config=dict(self.vision_config),
+            text_config=dict(self.text_config),
+            cross_attn_every_n_layers=1,
+            cross_attn_heads=2,
+            cross_attn_dim_head=8,
+            cross_attn_ff_mult=2,
+            perceiver_depth=1,
+            perceiver_heads=2,
+            perceiver_dim_head=8,
+            perceiver_num_latents=4,
+            perceiver_ff_mult=2,
+            media_token_id=self.media_token_id,
+            eoc_token_id=self.eoc_token_id,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        config = self.get_config()
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 3) + 3
+        # Each image's <image> token near the start, so that halved prompts (generation tests) keep both.
+        input_ids[:, 1] = self.media_token_id
+        input_ids[:, 3] = self.media_token_id
+        attention_mask = torch.ones_like(input_ids)
+        pixel_values = floats_tensor([self.batch_size, self.num_images, 3, self.image_size, self.image_size])
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        return config, inputs
+
+
+class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+    all_model_classes = (FlaminkoForConditionalGeneration,)
+    pipeline_model_mapping = {}
+    _is_composite = True
+    test_resize_embeddings = True
+
+    def setUp(self):
+        self.model_tester = FlaminkoModelTester(self)
+        self.config_tester = ConfigTester(self, config_class=FlaminkoConfig, has_text_modality=False)
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    @unittest.skip(NOT_FOR_FLAMINGO + "the LM is kept whole under `language_model`: there is no separate base model")
+    def test_model_base_model_prefix(self):
+        pass
+
+    @unittest.skip(NOT_FOR_FLAMINGO + "the LM is kept whole under `language_model`: there is no separate base model")
+    def test_base_model_prefix_loads_base_weights(self):
+        pass
+
+    @unittest.skip(
+        NOT_FOR_FLAMINGO + "latents are (batch, images, latents, dim), one entry per sample holding all its images; "
+        "generate's beam expansion is Flaminko's own (the media are shared, not repeated)"
+    )
+    def test_get_image_features_pooler_output(self):
+        pass
+
+
+class FlaminkoProcessorTest(ProcessorTesterMixin, unittest.TestCase):
+    processor_class = FlaminkoProcessor
+
+    @classmethod
+    def _setup_tokenizer(cls):
+        tokenizer = train_tokenizer(shipped_text())
+        tokenizer.padding_side = "left"
+        return tokenizer
+
+    @classmethod
+    def _setup_image_processor(cls):
+        return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
