@@ -83,7 +83,8 @@ class FlaminkoModelTester:
 
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
-        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 3) + 3
+        # Text tokens 3..96: neither BOS/EOS/pad nor <image>/<|endofchunk|>.
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.media_token_id - 3) + 3
         # Each image's <image> token near the start, so that halved prompts (generation tests) keep both.
         input_ids[:, 1] = self.media_token_id
         input_ids[:, 3] = self.media_token_id
