@@ -91,7 +91,7 @@ class FlaminkoConfig(PreTrainedConfig):
     """
 
     model_type = "flaminko"
-    keys_to_ignore_at_inference = [CACHE_NAME, "image_features", "media_key_values", "image_token_count"]
+    keys_to_ignore_at_inference = [CACHE_NAME, "image_outputs", "image_features", "media_key_values", "image_token_count"]
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     def __init__(

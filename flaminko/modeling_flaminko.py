@@ -14,6 +14,7 @@ import contextvars
 import copy
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,11 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
@@ -224,8 +227,11 @@ class FlaminkoCrossAttention(nn.Module):
         return self.to_out(output * has_media.to(output.dtype))
 
 
-class FlaminkoGatedCrossAttentionBlock(nn.Module):
-    """x + tanh(attn_gate) * cross_attn(x, media); then x + tanh(ff_gate) * ff(x). Zero gates: identity."""
+class FlaminkoGatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """x + tanh(attn_gate) * cross_attn(x, media); then x + tanh(ff_gate) * ff(x). Zero gates: identity.
+
+    Under gradient checkpointing it is recomputed in the backward pass like the decoder layers; the
+    media keys and values it reads are inputs, projected once per call (invariant 5)."""
 
     def __init__(self, config: FlaminkoConfig):
         super().__init__()
@@ -337,8 +343,13 @@ def _take_cache(cache, kwargs: dict):
     if cache is not None:
         raise ValueError("Pass cache or past_key_values, not both")
     if CACHE_NAME != "past_key_values" and not torch.compiler.is_compiling():
-        logger.warning_once("`past_key_values` is deprecated: pass the cache as `cache`")
+        # A FutureWarning, as transformers' own models give for the old name.
+        warnings.warn("`past_key_values` is deprecated: pass the cache as `cache`", FutureWarning, stacklevel=3)
     return old
+
+
+def _describe_tensor(value) -> str:
+    return f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _is_prompt(cache) -> bool:
@@ -375,7 +386,12 @@ def media_positions(input_ids: torch.LongTensor, media_token_id: int, past_count
 
     The <image> token itself sees its image. past_count (B,) counts the <image> tokens of a cached prefix.
     """
-    positions = (input_ids == media_token_id).long().cumsum(-1)
+    return image_token_positions(input_ids == media_token_id, past_count)
+
+
+def image_token_positions(image_tokens: torch.BoolTensor, past_count=None) -> torch.LongTensor:
+    """media_positions from a (B, T) mask of the <image> places (from input_ids or from inputs_embeds)."""
+    positions = image_tokens.long().cumsum(-1)
     if past_count is not None:
         positions = positions + past_count.to(positions.device)[:, None]
     return positions
@@ -597,6 +613,7 @@ def _cache_field_named_by_transformers(output_class):
 @_cache_field_named_by_transformers
 class FlaminkoCausalLMOutputWithPast(ModelOutput):
     """
+    image_outputs: get_image_features' output for the call's pixel_values (None when none were given).
     image_features: (B, T_img, L, D_vision) resampled latents of the call's images.
     media_key_values: per gated block (in layer order), the projected media keys and values;
         pass them back with image_features to skip that work in later calls.
@@ -609,6 +626,7 @@ class FlaminkoCausalLMOutputWithPast(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
     image_features: torch.FloatTensor | None = None
     media_key_values: tuple[tuple[torch.FloatTensor, torch.FloatTensor], ...] | None = None
     image_token_count: torch.LongTensor | None = None
@@ -757,10 +775,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         _check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = cls._skip_precise_modules(kwargs["quantization_config"])
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # With output_loading_info=True: (model, loading_info).
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading materialises fresh parameters, which forget requires_grad.
         model.apply_freezing()
-        return model
+        return loaded
 
     @classmethod
     def _skip_precise_modules(cls, quantization_config):
@@ -845,14 +865,21 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             weight.register_hook(_KeepNewTokenRows(self.config))
             weight._flaminko_rows_hooked = True
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> latents (B, T_img, L, D_vision)."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple | BaseModelOutputWithPooling:
+        """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> the resampled latents as
+        `pooler_output` (B, T_img, L, D_vision), the vision tokens the resampler reads as
+        `last_hidden_state` (B, T_img, F, V, D_vision) and, when asked for (output_hidden_states,
+        output_attentions), the vision tower's hidden states and attentions, one row per frame."""
         pixel_values = self._checked_pixel_values(pixel_values)
         batch, num_images, num_frames, channels, height, width = pixel_values.shape
         trainable = any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             flat = pixel_values.reshape(-1, channels, height, width).to(self.vision_model.dtype)
-            patches = self.vision_model(pixel_values=flat).last_hidden_state
+            vision_outputs = self.vision_model(pixel_values=flat, return_dict=True, **kwargs)
+            patches = vision_outputs.last_hidden_state
             if self.config.vision_feature_post_layernorm:
                 # CLIPVisionModel nests its parts under .vision_model before transformers 5.23.
                 tower = getattr(self.vision_model, "vision_model", self.vision_model)
@@ -860,7 +887,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             if not self.config.vision_feature_include_cls:
                 patches = patches[:, 1:]
         patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
-        return self.perceiver(patches)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=patches,
+            pooler_output=self.perceiver(patches),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
 
     def _checked_pixel_values(self, pixel_values) -> torch.Tensor:
         """pixel_values as (B, T_img, F, C, H, W), or a ValueError/TypeError saying what was expected."""
@@ -895,11 +927,16 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError("pixel_values contain NaN or infinite values: check the image decoding and normalisation")
         return pixel_values
 
-    def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool):
+    def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool, inputs_embeds=None):
         """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
         ids against the vocabulary. No tensor value is read during a decoding step."""
-        if input_ids is None:
-            raise ValueError("Flaminko needs input_ids: the <image> tokens in them place the images")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "Pass input_ids or inputs_embeds, exactly one of them: the <image> tokens in them place the images"
+            )
+        if inputs_embeds is not None:
+            self._check_inputs_embeds(inputs_embeds, attention_mask, labels)
+            return
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -941,17 +978,32 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                     "use the processor's tokenizer, whose special tokens the model's embeddings were resized for"
                 )
 
-    def _checked_image_features(self, image_features, input_ids, media_expansion, prompt: bool) -> torch.Tensor:
+    def _check_inputs_embeds(self, inputs_embeds, attention_mask, labels):
+        width = self.get_input_embeddings().weight.shape[1]
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError(f"inputs_embeds must be a float torch.Tensor, got {_describe_tensor(inputs_embeds)}")
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != width or 0 in inputs_embeds.shape[:2]:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, sequence, {width}) with at least one token, "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+            if isinstance(tensor, torch.Tensor) and tensor.ndim == 2 and tensor.shape != inputs_embeds.shape[:2]:
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)} but inputs_embeds has {tuple(inputs_embeds.shape[:2])} tokens"
+                )
+
+    def _checked_image_features(self, image_features, batch: int, media_expansion, prompt: bool) -> torch.Tensor:
         if not isinstance(image_features, torch.Tensor):
             raise TypeError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}")
         dim = self.config.vision_config.hidden_size
         if (
             image_features.ndim != 4
-            or image_features.shape[0] * media_expansion != input_ids.shape[0]
+            or image_features.shape[0] * media_expansion != batch
             or image_features.shape[-1] != dim
         ):
             raise ValueError(
-                f"image_features must be (batch={input_ids.shape[0] // media_expansion}, images, latents, {dim}) "
+                f"image_features must be (batch={batch // media_expansion}, images, latents, {dim}) "
                 f"as get_image_features returns them; got {tuple(image_features.shape)}"
             )
         if prompt and not torch.compiler.is_compiling() and not bool(torch.isfinite(image_features).all()):
@@ -965,25 +1017,25 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         return tuple(block.project_media(image_features) for block in blocks)
 
     def _build_media(
-        self, input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion
+        self, image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
     ):
-        media_id = self.config.media_token_id
+        """image_tokens: (B, T) True at the <image> places, None when config.media_token_id is not set."""
         # Checked on the prompt only, and never while compiling: a check per decoding step would stall the GPU on a sync.
         check_values = prompt and not torch.compiler.is_compiling()
         if image_features is None:
-            if media_id is not None and check_values and bool((input_ids == media_id).any()):
+            if image_tokens is not None and check_values and bool(image_tokens.any()):
                 raise ValueError(
                     "input_ids contain <image> tokens but neither pixel_values nor image_features were given"
                 )
             return FlaminkoMedia({}), None
-        if media_id is None:
+        if image_tokens is None:
             raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
         if not prompt and past_image_token_count is None:
             raise ValueError(
                 "Decoding from a cache with images needs past_image_token_count: pass the "
                 "image_token_count of the previous call's output"
             )
-        positions = media_positions(input_ids, media_id, past_image_token_count)
+        positions = image_token_positions(image_tokens, past_image_token_count)
         num_images = image_features.shape[1]
         most = int(positions[:, -1].max()) if check_values and positions.numel() else 0
         if most > num_images:
@@ -1009,6 +1061,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         key_values = {int(i): kv for i, kv in zip(self.cross_attn_layers.keys(), media_key_values)}
         return FlaminkoMedia(key_values, mask, has_media), media_key_values
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1016,6 +1069,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         image_features: torch.FloatTensor | None = None,
         media_key_values: tuple | None = None,
@@ -1023,10 +1077,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         media_expansion: int = 1,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> FlaminkoCausalLMOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | FlaminkoCausalLMOutputWithPast:
         r"""
         pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
+        inputs_embeds: (B, T, D) instead of input_ids; the images go where the <image> token's embedding stands.
         image_features: resampled latents from a previous call or `get_image_features` (instead of pixel_values).
         media_key_values: the media keys/values of a previous call's output (with image_features).
         cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
@@ -1036,34 +1091,36 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         """
         cache = _take_cache(cache, kwargs)
         prompt = _is_prompt(cache)
-        self._check_text_inputs(input_ids, attention_mask, labels, prompt)
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("Flaminko takes input_ids, not inputs_embeds: the <image> tokens place the images")
+        self._check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds)
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or image_features, not both")
+        image_outputs = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            if image_features.shape[0] * media_expansion != input_ids.shape[0]:
+            asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
+            image_features = image_outputs.pooler_output
+            if image_features.shape[0] * media_expansion != batch:
                 raise ValueError(
-                    f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {input_ids.shape[0]}"
+                    f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {batch}"
                     + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
                 )
             media_key_values = None
         elif image_features is not None:
-            image_features = self._checked_image_features(image_features, input_ids, media_expansion, prompt)
+            image_features = self._checked_image_features(image_features, batch, media_expansion, prompt)
         past_length = cache.get_seq_length() if cache is not None else 0
         context = getattr(self.config.text_config, "max_position_embeddings", None)
         # (A static cache's length is a tensor: its size bounds the context itself.)
-        if context is not None and isinstance(past_length, int) and past_length + input_ids.shape[1] > context:
+        if context is not None and isinstance(past_length, int) and past_length + length > context:
             raise ValueError(
-                f"{past_length + input_ids.shape[1]} tokens exceed the language model's context of {context}: "
+                f"{past_length + length} tokens exceed the language model's context of {context}: "
                 "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
             )
+        image_tokens = self._image_tokens(input_ids, inputs_embeds)
         media, media_key_values = self._build_media(
-            input_ids, image_features, media_key_values, past_image_token_count, prompt, media_expansion
+            image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
         )
         self._restrict_embedding_gradients()
-        kwargs.pop("return_dict", None)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
@@ -1074,6 +1131,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         try:
             outputs = self.language_model(
                 input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 labels=labels,
@@ -1091,32 +1149,63 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 "its layers must receive the keyword arguments of the model's forward"
             )
         image_token_count = None
-        if self.config.media_token_id is not None:
-            image_token_count = media_positions(input_ids, self.config.media_token_id, past_image_token_count)[:, -1]
+        if image_tokens is not None:
+            image_token_count = image_token_positions(image_tokens, past_image_token_count)[:, -1]
         return FlaminkoCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=image_outputs,
             image_features=image_features,
             media_key_values=media_key_values,
             image_token_count=image_token_count,
         )
 
+    def _image_tokens(self, input_ids, inputs_embeds) -> torch.BoolTensor | None:
+        """(B, T) True at the <image> places: its token id in input_ids, or its embedding row in
+        inputs_embeds (as transformers' vision-language models find their placeholders)."""
+        media_id = self.config.media_token_id
+        if media_id is None:
+            return None
+        if input_ids is not None:
+            return input_ids == media_id
+        embeddings = self.get_input_embeddings()
+        image_embedding = embeddings(torch.tensor(media_id, device=inputs_embeds.device))
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+
     def prepare_inputs_for_generation(
-        self, input_ids, pixel_values=None, image_features=None, media_key_values=None, **kwargs
+        self,
+        input_ids,
+        pixel_values=None,
+        image_features=None,
+        media_key_values=None,
+        inputs_embeds=None,
+        prompt_image_token_count=None,
+        **kwargs,
     ):
+        """prompt_image_token_count: (B,) <image> tokens of a prompt given as inputs_embeds, whose
+        tokens are not in input_ids."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             pixel_values=pixel_values if image_features is None else None,
             image_features=image_features,
             media_key_values=media_key_values,
+            inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        cached = input_ids.shape[1] - model_inputs["input_ids"].shape[1]
-        if self.config.media_token_id is not None:
-            model_inputs["past_image_token_count"] = (input_ids[:, :cached] == self.config.media_token_id).sum(-1)
+        # Flamingo reads its media at every step: transformers drops pixel_values after the prefill,
+        # and an assistant model's every round of drafting starts as a continuation, so they are kept
+        # until this generate call's image features replace them.
+        if image_features is None and pixel_values is not None:
+            model_inputs["pixel_values"] = pixel_values
+        if self.config.media_token_id is not None and model_inputs.get("input_ids") is not None:
+            cached = input_ids.shape[1] - model_inputs["input_ids"].shape[1]
+            past = (input_ids[:, :cached] == self.config.media_token_id).sum(-1)
+            if prompt_image_token_count is not None:
+                past = past + prompt_image_token_count
+            model_inputs["past_image_token_count"] = past
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
@@ -1128,6 +1217,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             model_kwargs["image_features"] = outputs.image_features
             model_kwargs["media_key_values"] = outputs.media_key_values
             model_kwargs.pop("pixel_values", None)
+        if model_kwargs.get("inputs_embeds") is not None and "prompt_image_token_count" not in model_kwargs:
+            model_kwargs["prompt_image_token_count"] = outputs.image_token_count
         return model_kwargs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
@@ -1196,8 +1287,14 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         # Checked here, once: GenerationMixin derives position ids and the cache from the prompt
         # before the first forward, and would fail deep inside the LM on a malformed one.
         prompt_ids = kwargs.get("input_ids") if inputs is None else inputs
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(cache))
+        inputs_embeds = kwargs.get("inputs_embeds")
+        if prompt_ids is not None and inputs_embeds is not None:
+            # The <image> tokens of the prompt would be counted in both.
+            raise ValueError("Pass the prompt as input_ids or as inputs_embeds, not both")
+        # Without a prompt, GenerationMixin starts from BOS.
+        if prompt_ids is not None or inputs_embeds is not None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(cache), inputs_embeds)
         return super().generate(inputs, **kwargs)
 
 
