@@ -43,7 +43,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 model = AutoModelForImageTextToText.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 batch = processor(text="<image>Output:", images=[image])
-print(processor.batch_decode(model.generate(**batch, max_new_tokens=20, num_beams=3)))
+print(processor.batch_decode(model.generate(**batch, max_new_tokens=20, num_beams=3), skip_special_tokens=True))
 ```
 
 Nothing to install beyond `pip install "{{ requirements }}"`: the model's code

@@ -101,7 +101,8 @@ def generate_captions(
             chunk = [load_image(image) for image in images[start : start + batch_size]]
             batch = processor(text=[prompt] * len(chunk), images=[[image] for image in chunk]).to(model.device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-            captions += [text.strip() for text in processor.batch_decode(out[:, batch["input_ids"].shape[1] :])]
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            captions += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
             bar.update(len(chunk))
     return captions
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, Unpack
 
 from .configuration_flaminko import check_positive_ints
 
@@ -232,6 +233,11 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+class FlaminkoProcessorKwargs(ProcessingKwargs, total=False):
+    # Training: leave out the media whose <image> tokens truncation cut off, instead of refusing the text.
+    drop_truncated_images: bool
+
+
 class FlaminkoProcessor(ProcessorMixin):
     r"""Builds Flaminko inputs: `input_ids`, `attention_mask` and `pixel_values` (B, T_img, C, H, W).
 
@@ -240,6 +246,14 @@ class FlaminkoProcessor(ProcessorMixin):
         tokenizer: the language model's tokenizer; `<|endofchunk|>` and `<image>` are added as special
             tokens (in that order, as OpenFlamingo does) and `<PAD>` when it has no pad token.
     """
+
+    valid_processor_kwargs = FlaminkoProcessorKwargs
+    # The defaults of a call, below the tokenizer's own settings and the call's arguments (see
+    # ProcessorMixin._merge_kwargs): padded (to the left, as the tokenizer of from_backbones pads)
+    # PyTorch tensors, every image kept.
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+    drop_truncated_images = False
 
     def __init__(
         self,
@@ -309,14 +323,7 @@ class FlaminkoProcessor(ProcessorMixin):
         return media
 
     def __call__(
-        self,
-        images=None,
-        text=None,
-        videos=None,
-        return_tensors="pt",
-        padding=True,
-        drop_truncated_images=False,
-        **kwargs,
+        self, images=None, text=None, videos=None, **kwargs: Unpack[FlaminkoProcessorKwargs]
     ) -> BatchFeature:
         """text: a string or a list of strings with an `<image>` placeholder per image and a `<video>`
         placeholder per video. images: for one text, an image or a list of images; for a batch, a list
@@ -329,8 +336,10 @@ class FlaminkoProcessor(ProcessorMixin):
         sampled evenly to at most max_num_frames frames, all to the same count, and an image among
         videos repeated as a still clip of that many frames.
 
-        If truncation cuts `<image>` tokens off, that is an error, or with drop_truncated_images
-        (for training) the media that lost their place are left out."""
+        Other keyword arguments go to the tokenizer or the image processor, as in transformers'
+        processors (also grouped: text_kwargs={...}, images_kwargs={...}); the defaults pad and return
+        PyTorch tensors. If truncation cuts `<image>` tokens off, that is an error, or with
+        drop_truncated_images=True (for training) the media that lost their place are left out."""
         if text is None:
             raise ValueError("FlaminkoProcessor needs text (with an <image> placeholder per image)")
         if isinstance(text, str):
@@ -344,7 +353,10 @@ class FlaminkoProcessor(ProcessorMixin):
             raise ValueError(f"Texts {empty} are empty: each text needs at least its <image> placeholders or a word")
         media = self._media_of_texts(texts, images, videos)
         texts = [t.replace(self.video_token, self.image_token) for t in texts]
-        encoding = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
+        settings = self._merge_kwargs(FlaminkoProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = settings["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        encoding = self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs)
         for index, sample_media in enumerate(media):
             kept = int((torch.as_tensor(encoding["input_ids"][index]) == self.image_token_id).sum())
             if kept > len(sample_media):
@@ -353,7 +365,7 @@ class FlaminkoProcessor(ProcessorMixin):
                     f"Text {index} marks {kept} images but has {len(sample_media)}: the image-marking token "
                     f"{marker!r} also stands outside the {self.image_token} placeholders"
                 )
-            if kept < len(sample_media) and drop_truncated_images:
+            if kept < len(sample_media) and settings["drop_truncated_images"]:
                 media[index] = sample_media[:kept]
             elif kept < len(sample_media):
                 raise ValueError(
@@ -361,12 +373,12 @@ class FlaminkoProcessor(ProcessorMixin):
                     "truncation: raise max_length or shorten the text, so that no image loses its place"
                 )
         data = dict(encoding)
-        pixel_values = self._pixel_values(media)
+        pixel_values = self._pixel_values(media, settings["images_kwargs"])
         if pixel_values is not None:
             data["pixel_values"] = pixel_values
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _pixel_values(self, media: list[list[tuple[str, object]]]) -> torch.Tensor | None:
+    def _pixel_values(self, media: list[list[tuple[str, object]]], images_kwargs: dict) -> torch.Tensor | None:
         most_media = max(len(sample_media) for sample_media in media)
         if not most_media:
             return None
@@ -384,7 +396,9 @@ class FlaminkoProcessor(ProcessorMixin):
             position = {index: len(frames) + rank for rank, index in enumerate(dict.fromkeys(indices))}
             frames += [load_image(clip[index]) for index in position]
             picks += [position[index] for index in indices]
-        pixels = self.image_processor(images=frames, return_tensors="pt")["pixel_values"][picks]
+        # Tensors here, whatever the call returns: the media of a batch are assembled with torch.
+        pixels = self.image_processor(images=frames, **{**images_kwargs, "return_tensors": "pt"})["pixel_values"]
+        pixels = pixels[picks]
         pixels = pixels.view(-1, num_frames, *pixels.shape[1:])
         pixel_values = pixels.new_zeros(len(media), most_media, *pixels.shape[1:])
         start = 0
@@ -402,11 +416,12 @@ class FlaminkoProcessor(ProcessorMixin):
         chat_template = chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
-    def batch_decode(self, *args, skip_special_tokens: bool = True, **kwargs):
-        return self.tokenizer.batch_decode(*args, skip_special_tokens=skip_special_tokens, **kwargs)
+    def save_pretrained(self, save_directory, **kwargs):
+        saved = super().save_pretrained(save_directory, **kwargs)
+        # Saving with remote code leaves its auto_map on the processor; it belongs to the saved folder,
+        # so that to_dict reads the same before and after a save and load.
+        vars(self).pop("auto_map", None)
+        return saved
 
-    def decode(self, *args, skip_special_tokens: bool = True, **kwargs):
-        return self.tokenizer.decode(*args, skip_special_tokens=skip_special_tokens, **kwargs)
 
-
-__all__ = ["FlaminkoProcessor"]
+__all__ = ["FlaminkoProcessor", "FlaminkoProcessorKwargs"]

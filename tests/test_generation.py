@@ -90,7 +90,7 @@ def test_streaming_prints_the_generated_text(model_and_processor, capsys):
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = model.generate(**batch, max_new_tokens=8, do_sample=False, streamer=streamer)
     printed = capsys.readouterr().out
-    new_text = processor.decode(out[0, batch["input_ids"].shape[1] :])
+    new_text = processor.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert printed.strip() == new_text.strip()
     assert printed.strip()
 
@@ -163,7 +163,7 @@ def test_few_shot_prompt_from_the_readme(model_and_processor):
     batch = processor(text=prompt, images=[image for image, _ in demos] + [query])
     out = model.generate(**batch, max_new_tokens=20, num_beams=3)
     new_tokens = out[0, batch["input_ids"].shape[1] :]
-    answer = processor.batch_decode(out[:, batch["input_ids"].shape[1] :])[0]
+    answer = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     assert batch["pixel_values"].shape[1] == 3
     assert (batch["input_ids"][0] == processor.image_token_id).sum() == 3
     assert answer == processor.tokenizer.decode(new_tokens, skip_special_tokens=True) and len(new_tokens) > 0

@@ -44,11 +44,11 @@ def test_image_files_and_odd_modes_are_read(model_and_processor, tmp_path):
     assert rgba["pixel_values"].shape == (1, 1, 3, 32, 32)
 
 
-def test_decoding_drops_special_tokens(model_and_processor):
+def test_decoding_drops_special_tokens_when_asked(model_and_processor):
     _, processor = model_and_processor
     ids = processor(text="<image>빨간색 원<|endofchunk|>", images=[solid("red")])["input_ids"]
-    assert processor.batch_decode(ids) == ["빨간색 원"]
-    assert processor.decode(ids[0], skip_special_tokens=False) == "<image>빨간색 원<|endofchunk|>"
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ["빨간색 원"]
+    assert processor.decode(ids[0]) == "<image>빨간색 원<|endofchunk|>"
 
 
 def test_chat_template_places_images_and_closes_answers(model_and_processor):

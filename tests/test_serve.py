@@ -95,7 +95,7 @@ def reference(folder, conversation, images):
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     batch = processor(text=prompt, images=images or None)
     out = model.generate(**batch, max_new_tokens=TOKENS, do_sample=False)
-    return processor.decode(out[0, batch["input_ids"].shape[1] :])
+    return processor.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_lists_the_served_model(client):

@@ -97,12 +97,19 @@ class FlaminkoModelTester:
 class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
     all_model_classes = (FlaminkoForConditionalGeneration,)
     pipeline_model_mapping = {}
+    additional_model_inputs = ["pixel_values"]
     _is_composite = True
-    test_resize_embeddings = True
 
     def setUp(self):
         self.model_tester = FlaminkoModelTester(self)
         self.config_tester = ConfigTester(self, config_class=FlaminkoConfig, has_text_modality=False)
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        # transformers' tables do not list Flaminko's class among the causal LMs that get labels.
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels:
+            inputs_dict["labels"] = torch.zeros_like(inputs_dict["input_ids"])
+        return inputs_dict
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -125,6 +132,13 @@ class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCa
 
 class FlaminkoProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = FlaminkoProcessor
+
+    @unittest.skip(
+        NOT_FOR_FLAMINGO + "its text marks a <video> but only an image is given; Flaminko's videos are frames "
+        "for its image processor (no video processor), and a placeholder without its media is an error"
+    )
+    def test_processor_with_multiple_inputs(self):
+        pass
 
     @classmethod
     def _setup_tokenizer(cls):

@@ -99,7 +99,7 @@ def _predict(
         return prompts, records
     batch = processor(text=list(prompts), images=list(images), padding_side="left").to(model.device)
     output = model.generate(**batch, do_sample=False, **decoding)
-    texts = processor.batch_decode(output[:, batch["input_ids"].shape[1] :])
+    texts = processor.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     records = []
     for query, text in zip(queries, texts):
         record = {"prediction": postprocess(task, text, prompt_format), "generated": text}
