@@ -654,6 +654,14 @@ class FlaminkoPreTrainedModel(PreTrainedModel):
     # prompt only). Not for LMs whose media travel in a context variable: see __init__.
     _can_compile_fullgraph = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: Flaminko initialises through transformers.initialization, as transformers' own
+        models do. For custom code transformers skips every module without parameters of its own
+        (written for remote code that sets weights in place), and so on the meta-device loading path
+        never runs CLIP's initialisation of its attention and MLP weights, which sits on those modules."""
+        return False
+
     def _init_weights(self, module):
         if isinstance(module, FlaminkoPerceiverResampler):
             init.normal_(module.latents)
