@@ -1203,7 +1203,6 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         tokens are not in input_ids."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            pixel_values=pixel_values if image_features is None else None,
             image_features=image_features,
             media_key_values=media_key_values,
             inputs_embeds=inputs_embeds,

@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPImageProcessorPil
 
 from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration, FlaminkoProcessor
-from flaminko.tiny import shipped_text, train_tokenizer
+from flaminko.tiny import shipped_text, tiny_vision_config, train_tokenizer
 
 from ...test_configuration_common import ConfigTester
 from ...test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
@@ -51,22 +51,13 @@ class FlaminkoModelTester:
             pad_token_id=self.pad_token_id,
             tie_word_embeddings=False,
         )
-        self.vision_config = dict(
-            model_type="clip_vision_model",
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=8,
-            projection_dim=8,
-            hidden_act="quick_gelu",
-        )
         self.expected_num_hidden_layers = self.num_hidden_layers + 1
 
     def get_config(self):
         return FlaminkoConfig(
-            vision_config=dict(self.vision_config),
+            vision_config=tiny_vision_config(
+                hidden_size=16, num_attention_heads=2, image_size=self.image_size, projection_dim=8
+            ),
             text_config=dict(self.text_config),
             cross_attn_every_n_layers=1,
             cross_attn_heads=2,
