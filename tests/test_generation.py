@@ -109,8 +109,8 @@ def test_video_frames_with_frame_embeddings(backbones):
     batch = processor(text=PROMPTS[0], images=[noise_image(1), noise_image(2)])
     frames = torch.stack([batch["pixel_values"], batch["pixel_values"].flip(-1)], dim=2)  # (B, T, F=2, C, H, W)
     with torch.no_grad():
-        features = model.get_image_features(frames)
-        single = model.get_image_features(batch["pixel_values"])
+        features = model.get_image_features(frames).pooler_output
+        single = model.get_image_features(batch["pixel_values"]).pooler_output
     assert features.shape == single.shape == (1, 2, model.config.perceiver_num_latents, model.config.vision_config.hidden_size)
     assert not torch.allclose(features, single)
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=frames, max_new_tokens=4)
