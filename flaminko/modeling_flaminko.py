@@ -1197,10 +1197,15 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         media_key_values=None,
         inputs_embeds=None,
         prompt_image_token_count=None,
+        past_key_values=None,
         **kwargs,
     ):
         """prompt_image_token_count: (B,) <image> tokens of a prompt given as inputs_embeds, whose
-        tokens are not in input_ids."""
+        tokens are not in input_ids. past_key_values: the cache under its name before transformers
+        5.24, named here because generate checks the arguments it is given (an assistant model's own
+        cache among them) against this signature."""
+        if past_key_values is not None:
+            kwargs[CACHE_NAME] = past_key_values
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             image_features=image_features,
