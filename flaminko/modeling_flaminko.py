@@ -38,7 +38,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
@@ -52,7 +52,6 @@ MEDIA_KWARG = "flaminko_media"
 # media travel in a context variable instead (per thread and per nested call, like the keyword).
 LAYERS_WITHOUT_KWARGS = ("gptj", "mpt")
 _MEDIA_OF_THIS_CALL: contextvars.ContextVar = contextvars.ContextVar("flaminko_media", default=None)
-logger = logging.get_logger(__name__)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
