@@ -230,12 +230,14 @@ def test_unknown_model_is_404_model_not_found(client):
     assert error.value.body["code"] == "model_not_found" and NAME in error.value.body["message"]
 
 
-def test_cli_serves_until_interrupted(folder):
+def test_cli_serves_until_interrupted(folder, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    solid("red").save(tmp_path / "red.png")
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "flaminko.cli", "serve", str(folder), "--port", str(port), "--served-model-name", NAME]
+    command += ["--allow-local-files", str(tmp_path), "--no-fetch-images"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -248,6 +250,9 @@ def test_cli_serves_until_interrupted(folder):
                 assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
                 time.sleep(0.5)
         assert ask(client, [user("안녕")], max_tokens=2).message.content is not None
+        assert ask(client, [user(image_part("red.png"))], max_tokens=2).message.content is not None
+        with pytest.raises(openai.BadRequestError, match="fetches no image URLs"):
+            ask(client, [user(image_part("http://example.com/red.png"))])
     finally:
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
@@ -261,6 +266,9 @@ def test_cli_serves_until_interrupted(folder):
         (["FOLDER", "--port", "70000"], "--port must be in 0..65535, got 70000"),
         (["FOLDER", "--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
         (["runs/ko/final"], "MODEL runs/ko/final: no such folder, and not a Hub model id (ORG/NAME either)"),
+        (["FOLDER", "--allow-local-files", "/no/such/folder"], "--allow-local-files /no/such/folder: no such folder"),
+        (["FOLDER", "--fetch-timeout", "0"], "--fetch-timeout must be more than 0 seconds, got 0.0"),
+        (["FOLDER", "--max-image-mb", "-1"], "--max-image-mb must be more than 0, got -1.0"),
     ],
 )
 def test_cli_errors_are_one_line(folder, capsys, arguments, message):
@@ -451,6 +459,8 @@ def test_a_loopback_url_is_refused_by_default_and_fetched_when_private_urls_are_
     for host in ("localhost", "[::1]", "10.0.0.1", "169.254.169.254", "[::ffff:127.0.0.1]", "0.0.0.0"):
         assert "refusing to fetch" in refusal(ImageSources(), f"http://{host}:9/x.png")
     assert ImageSources(allow_private_urls=True).load(f"{image_server.url}/red.png").getpixel((0, 0)) == (255, 0, 0)
+    for url in ("http://[::1/x.png", "http://example.com:99999/x.png", "gopher://example.com/x.png"):
+        assert refusal(ImageSources(), url)
     assert "fetches no image URLs" in refusal(ImageSources(fetch_urls=False, allow_private_urls=True), f"{image_server.url}/red.png")
 
 

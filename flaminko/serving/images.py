@@ -106,13 +106,13 @@ class ImageSources:
 
     def load(self, url: str):
         """The RGB PIL image an `image_url` names; ImageRefused saying why not."""
-        scheme = urlsplit(url).scheme.lower()
+        scheme = _split(url).scheme.lower()
         if url.startswith("data:"):
             return self._decode(self._data_url(url), "the data URL")
         if scheme in ("http", "https"):
             return self._decode(self._fetch(url), "the image at the URL")
         if scheme in ("", "file"):
-            return self._local(unquote(urlsplit(url).path) if scheme == "file" else url)
+            return self._local(unquote(_split(url).path) if scheme == "file" else url)
         raise ImageRefused(f"unsupported image URL scheme `{scheme}:` (give a data URL, an http(s) URL or a local path)")
 
     def _data_url(self, url: str) -> bytes:
@@ -167,13 +167,13 @@ class ImageSources:
 
     def _hop(self, url: str, deadline: float) -> tuple[bytes | None, str | None]:
         """One request: the body, or where it redirects to. The address is checked first."""
-        parts = urlsplit(url)
+        parts = _split(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImageRefused("an image URL may only redirect to another http(s) URL")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             addresses = sorted({info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)})
-        except socket.gaierror:
+        except (socket.gaierror, UnicodeError):
             raise ImageRefused(f"cannot resolve the image URL's host {parts.hostname}") from None
         if not self.allow_private_urls and not all(is_public_address(address) for address in addresses):
             raise ImageRefused(
@@ -225,6 +225,16 @@ class ImageSources:
             raise ImageRefused(f"{what} is too large to decode safely: {error}") from error
         except (OSError, SyntaxError, ValueError) as error:
             raise ImageRefused(f"{what} holds no decodable image") from error
+
+
+def _split(url: str):
+    """The URL's parts, checked: urllib checks the port only when it is read."""
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError as error:
+        raise ImageRefused(f"not a valid URL: {error}") from None
+    return parts
 
 
 def _remaining(deadline: float) -> float:
