@@ -533,3 +533,8 @@ def test_request_edges_get_400_naming_the_field(default_client, body, param, fra
 def test_n_of_one_is_answered(default_client):
     status, answer = post(default_client, {"model": NAME, "messages": [user("안녕")], "n": 1, "max_tokens": 1})
     assert status == 200 and len(answer["choices"]) == 1
+
+
+def test_an_unknown_field_is_422_naming_it(default_client):
+    status, answer = post(default_client, {"model": NAME, "messages": [user("안녕")], "colour": "red"})
+    assert status == 422 and "colour" in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
