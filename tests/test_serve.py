@@ -217,7 +217,17 @@ def test_bad_requests_get_400_in_openai_shape(client, messages, fragment):
     assert fragment in error.value.body["message"] and error.value.body["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("options, param", [({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop")])
+@pytest.mark.parametrize(
+    "options, param",
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"frequency_penalty": "high"}, "frequency_penalty"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
+    ],
+)
 def test_bad_settings_get_400_naming_them(client, options, param):
     with pytest.raises(openai.BadRequestError) as error:
         ask(client, [user("안녕")], **options)

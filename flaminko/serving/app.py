@@ -5,11 +5,15 @@ import asyncio
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE, REQUEST_SEED, GenerationFailed, batching_classes
 from .images import ImageRefused, ImageSources
 
 ROLES = ("system", "user", "assistant")
+# Threads that fetch and decode requests' images and make their prompts. asyncio's default pool has
+# min(32, cores + 4): on a small machine a few slow image URLs would fill it and hold up the others.
+PREPARING_THREADS = 32
 
 
 class RequestError(Exception):
@@ -63,6 +67,7 @@ def build_app(
     processor_lock = threading.Lock()  # one tokenizer, shared by the requests' threads
     _, manager_class = batching_classes(stack.utils)
     manager = manager_class(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+    preparing = ThreadPoolExecutor(PREPARING_THREADS, thread_name_prefix="flaminko-prepare")
 
     def prepare(messages):
         """The prompt's tensors, images fetched and decoded: blocking work, run off the event loop."""
@@ -96,7 +101,7 @@ def build_app(
             check_settings(body)
             seed = check_seed(body.pop("seed", None))
             messages = check_messages(body.get("messages"))
-            inputs = await asyncio.to_thread(prepare, messages)
+            inputs = await asyncio.get_running_loop().run_in_executor(preparing, prepare, messages)
             config = self._build_generation_config(body, loaded.generation_config)
             REQUEST_SEED.set(seed)
             if body.get("stream"):
@@ -121,12 +126,13 @@ def build_app(
     async def chat_completions(request: Request, body: dict):
         return await handler.handle_request(body, request.headers.get("X-Request-ID") or str(uuid.uuid4()))
 
+    # Coroutines, so that they never wait for a thread of FastAPI's pool.
     @app.get("/v1/models")
-    def list_models():
+    async def list_models():
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": created, "owned_by": "flaminko"}]}
 
     @app.get("/health")
-    def health():
+    async def health():
         return {"status": "ok"}
 
     @app.exception_handler(RequestError)
@@ -184,6 +190,13 @@ def check_settings(body: dict) -> None:
     number("top_p", 0, 1, low_open=True)
     number("max_tokens", 1, 1 << 20, integer=True)
     number("max_completion_tokens", 1, 1 << 20, integer=True)
+    number("frequency_penalty", -2, 2)
+    bias = body.get("logit_bias")
+    if bias is not None and not (
+        isinstance(bias, dict)
+        and all(key.isdigit() and isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100 for key, value in bias.items())
+    ):
+        raise RequestError(400, "`logit_bias` must map token ids to numbers in [-100, 100]", param="logit_bias")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stops, list) and 0 < len(stops) <= 4 and all(isinstance(s, str) and s for s in stops)):
