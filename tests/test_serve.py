@@ -548,3 +548,13 @@ def test_n_of_one_is_answered(default_client):
 def test_an_unknown_field_is_422_naming_it(default_client):
     status, answer = post(default_client, {"model": NAME, "messages": [user("안녕")], "colour": "red"})
     assert status == 422 and "colour" in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_a_missing_server_package_says_what_to_install(monkeypatch):
+    from importlib.util import find_spec
+
+    from flaminko.serving import stack
+
+    monkeypatch.setattr(stack, "find_spec", lambda name: None if name == "uvicorn" else find_spec(name))
+    with pytest.raises(ImportError, match=r"needs FastAPI, uvicorn and openai \(uvicorn missing\): pip install 'flaminko\[serve\]'"):
+        stack.TransformersServing()

@@ -187,7 +187,7 @@ class ImageSources:
         watchdog.start()
         try:
             path = parts.path or "/"
-            connection.request("GET", f"{path}?{parts.query}" if parts.query else path, headers={"Accept": "image/*"})
+            connection.request("GET", f"{path}?{parts.query}" if parts.query else path, headers={"Accept": "image/*", "User-Agent": "flaminko-serve"})
             response = connection.getresponse()
             if response.status in REDIRECT_STATUSES and response.getheader("Location"):
                 return None, response.getheader("Location")

@@ -15,6 +15,7 @@ A release that removes or renames a piece listed in USED ends in one ImportError
 """
 
 from importlib.metadata import version
+from importlib.util import find_spec
 
 INSTALL_HINT = "pip install 'flaminko[serve]'"
 
@@ -39,12 +40,9 @@ class TransformersServing:
     def __init__(self):
         from ..configuration_flaminko import TRANSFORMERS_WINDOW
 
-        try:
-            import fastapi  # noqa: F401
-            import openai  # noqa: F401
-            import uvicorn  # noqa: F401
-        except ImportError as error:
-            raise ImportError(f"flaminko serve needs FastAPI, uvicorn and openai ({error.name} is missing): {INSTALL_HINT}") from error
+        missing = [name for name in ("fastapi", "uvicorn", "openai") if find_spec(name) is None]
+        if missing:
+            raise ImportError(f"flaminko serve needs FastAPI, uvicorn and openai ({', '.join(missing)} missing): {INSTALL_HINT}")
         try:
             from transformers.cli.serving import chat_completion, utils
 
