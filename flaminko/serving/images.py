@@ -49,26 +49,38 @@ def is_public_address(address: str) -> bool:
 
 
 class _PinnedConnection:
-    """http.client connections to an address resolved and checked beforehand, so a second name
+    """http.client connections to addresses resolved and checked beforehand, so a second name
     resolution (DNS rebinding) cannot lead elsewhere; TLS still verifies the URL's host name. The
     socket is kept for the deadline's watchdog (http.client drops its own reference early)."""
 
     class HTTP(http.client.HTTPConnection):
-        def __init__(self, host, port, address, timeout):
-            super().__init__(host, port, timeout=timeout)
-            self.address = address
+        def __init__(self, host, port, addresses, deadline):
+            super().__init__(host, port)
+            self.addresses, self.deadline = addresses, deadline
 
         def connect(self):
-            self.sock = self.pinned_socket = socket.create_connection((self.address, self.port), self.timeout)
+            self.sock = self.pinned_socket = _connect(self.addresses, self.port, self.deadline)
 
     class HTTPS(http.client.HTTPSConnection):
-        def __init__(self, host, port, address, timeout):
-            super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-            self.address = address
+        def __init__(self, host, port, addresses, deadline):
+            super().__init__(host, port, context=ssl.create_default_context())
+            self.addresses, self.deadline = addresses, deadline
 
         def connect(self):
-            raw = socket.create_connection((self.address, self.port), self.timeout)
+            raw = _connect(self.addresses, self.port, self.deadline)
             self.sock = self.pinned_socket = self._context.wrap_socket(raw, server_hostname=self.host)
+
+
+def _connect(addresses: list[str], port: int, deadline: float):
+    """A socket to the first of the addresses (in the resolver's order) that answers in time."""
+    for address in addresses[:-1]:
+        try:
+            return socket.create_connection((address, port), _remaining(deadline))
+        except TimeoutError:
+            raise
+        except OSError:
+            continue
+    return socket.create_connection((addresses[-1], port), _remaining(deadline))
 
 
 def _cut(sock) -> None:
@@ -172,7 +184,8 @@ class ImageSources:
             raise ImageRefused("an image URL may only redirect to another http(s) URL")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            addresses = sorted({info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)})
+            resolved = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+            addresses = list(dict.fromkeys(info[4][0] for info in resolved))
         except (socket.gaierror, UnicodeError):
             raise ImageRefused(f"cannot resolve the image URL's host {parts.hostname}") from None
         if not self.allow_private_urls and not all(is_public_address(address) for address in addresses):
@@ -181,7 +194,7 @@ class ImageSources:
                 "(the server runs without --allow-private-urls)"
             )
         connection_class = _PinnedConnection.HTTPS if parts.scheme == "https" else _PinnedConnection.HTTP
-        connection = connection_class(parts.hostname, port, addresses[0], timeout=_remaining(deadline))
+        connection = connection_class(parts.hostname, port, addresses, deadline)
         connection.connect()
         watchdog = threading.Timer(_remaining(deadline), _cut, (connection.pinned_socket,))
         watchdog.start()
