@@ -291,7 +291,7 @@ def test_cli_errors_are_one_line(folder, capsys, arguments, message):
 
 
 def test_collate_left_pads_prompts_and_blank_pads_images():
-    from flaminko.serve import collate
+    from flaminko.serving import collate
 
     one = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.ones(1, 2, 3, 4, 4)}
     two = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
