@@ -342,8 +342,7 @@ def _take_cache(cache, kwargs: dict):
     if cache is not None:
         raise ValueError("Pass cache or past_key_values, not both")
     if CACHE_NAME != "past_key_values" and not torch.compiler.is_compiling():
-        # A FutureWarning, as transformers' own models give for the old name.
-        warnings.warn("`past_key_values` is deprecated: pass the cache as `cache`", FutureWarning, stacklevel=3)
+        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the cache as `cache`", FutureWarning)
     return old
 
 

@@ -3,11 +3,9 @@ checked on the tiny LLaMA-based model: each test names the behaviour it keeps.""
 
 import inspect
 import json
-import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import Unpack
@@ -15,7 +13,6 @@ from transformers.utils import TransformersKwargs
 
 from conftest import build_model, noise_image
 from flaminko import FlaminkoForConditionalGeneration, FlaminkoProcessor
-from flaminko.configuration_flaminko import CACHE_NAME
 
 PROMPT = "<image>빨간색 원<|endofchunk|><image>파란색"
 
@@ -189,20 +186,6 @@ def test_gated_blocks_are_gradient_checkpointing_layers(llama):
     finally:
         model.activation_checkpointing_disable()
     assert not any(block.gradient_checkpointing for block in blocks)
-
-
-@pytest.mark.skipif(CACHE_NAME != "cache", reason="past_key_values is the cache's own name before transformers 5.24")
-def test_the_old_cache_name_warns_as_transformers_models_do(llama, batch):
-    model, _ = llama
-    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
-        model(**batch, past_key_values=DynamicCache(config=model.config.text_config))
-
-
-def test_the_cache_under_its_own_name_is_quiet(llama, batch):
-    model, _ = llama
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(**batch, **{CACHE_NAME: DynamicCache(config=model.config.text_config)})
 
 
 # The processor
