@@ -12,8 +12,9 @@ import types
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers import AutoModelForCausalLM, CLIPVisionModel
 
+from ..configuration_flaminko import CACHE_NAME
 from ..modeling_flaminko import decoder_layers_path
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
@@ -84,6 +85,24 @@ class _OpenClipLikeTower(nn.Module):
         return output.pooler_output, tokens[:, 1:]
 
 
+class _CacheUnderItsName:
+    """Hands the LM the cache under the installed transformers' name: OpenFlamingo's Flamingo.forward
+    passes `past_key_values=`, which transformers 5.24 renamed `cache`."""
+
+    def forward(self, *args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs[CACHE_NAME] = kwargs.pop("past_key_values")
+        return super().forward(*args, **kwargs)
+
+
+class _MosaicGPTEmbeddings:
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.wte = new_embeddings
+
+
 def build_open_flamingo(
     vision, language_model, cross_attn_every_n_layers: int, tokenizer=None, *, convention="openflamingo", open_clip_visual=None
 ):
@@ -93,14 +112,22 @@ def build_open_flamingo(
     Returns (model, tokenizer)."""
     from .open_clip import open_clip_tower, vision_convention
 
+    from .mosaic_gpt import is_mosaic_gpt, model_config_dict
+    from .open_flamingo import open_flamingo_tokenizer
+
     flamingo, flamingo_lm, utils = open_flamingo_modules()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer or language_model)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
-    layers_path = decoder_layers_path(lang_encoder)
+    tokenizer = open_flamingo_tokenizer(tokenizer or language_model)
+    if is_mosaic_gpt(model_config_dict(language_model)):
+        # As OpenFlamingo's factory: MosaicGPT's own code, its blocks at transformer.blocks, and
+        # get/set_input_embeddings (which it lacks) given to the instance.
+        lang_encoder = AutoModelForCausalLM.from_pretrained(language_model, trust_remote_code=True)
+        utils.extend_instance(lang_encoder, _MosaicGPTEmbeddings)
+        layers_path = "transformer.blocks"
+    else:
+        lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
+        layers_path = decoder_layers_path(lang_encoder)
     utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
+    utils.extend_instance(lang_encoder, _CacheUnderItsName)
     lang_encoder.set_decoder_layers_attr_name(layers_path)
     lang_encoder.resize_token_embeddings(len(tokenizer))
     post_layernorm, act = vision_convention(convention)
@@ -168,7 +195,13 @@ def compare_with_open_flamingo(
     image_size = CLIPVisionModel.config_class.from_pretrained(vision).image_size
     vision_x, input_ids, attention_mask = probe_inputs(reference_tokenizer, image_size)
     settings = [{"num_beams": 1}, {"num_beams": 3}]
-    common = {"max_new_tokens": 8, "eos_token_id": reference.eoc_token_id, "pad_token_id": reference_tokenizer.pad_token_id}
+    # <image> suppressed in both, as OpenFlamingo's evaluation does: no image stands behind a generated one.
+    common = {
+        "max_new_tokens": 8,
+        "eos_token_id": reference.eoc_token_id,
+        "pad_token_id": reference_tokenizer.pad_token_id,
+        "suppress_tokens": [reference.media_token_id],
+    }
     with torch.no_grad():
         expected = reference(vision_x=vision_x, lang_x=input_ids, attention_mask=attention_mask).logits
         expected_tokens = [
@@ -180,7 +213,7 @@ def compare_with_open_flamingo(
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": vision_x}
     with torch.no_grad():
         logits = model(**inputs).logits
-        tokens = [model.generate(**inputs, **common, suppress_tokens=[], **setting) for setting in settings]
+        tokens = [model.generate(**inputs, **common, **setting) for setting in settings]
     for setting, ours, theirs in zip(settings, tokens, expected_tokens):
         if not torch.equal(ours, theirs):
             raise AssertionError(f"Generations differ with {setting}: {ours.tolist()} vs OpenFlamingo {theirs.tolist()}")
