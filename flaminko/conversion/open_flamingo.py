@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
 from ..modeling_flaminko import FlaminkoForConditionalGeneration, place_open_flamingo_checkpoint
@@ -26,16 +26,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # GPT-NeoX's causal mask and masked bias, rotary inverse frequencies (GPT-NeoX, LLaMA), CLIP's position ids.
 RECOMPUTED_BUFFER = re.compile(r"(?:^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids)$")
 GPT_NEOX_MASKED_BIAS = -1e9
-
-
-def open_flamingo_tokenizer(name_or_path):
-    """The tokenizer as OpenFlamingo's factory sets it up: `<|endofchunk|>` and `<image>` added, then
-    `<PAD>` when it has no pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    return tokenizer
 
 
 def _recomputed_value(kind: str, model) -> torch.Tensor | None:
@@ -92,21 +82,27 @@ def place_checkpoint(model, checkpoint, *, original_vocab_size: int, init_missin
     return ConversionSummary(tensors_mapped=mapped, initialised=notes)
 
 
-def check_token_rows(model, processor, tokenizer_source):
+def check_token_rows(model, tokenizer, *, pad_token_added: bool | None = None):
     """The tokenizer must have one token per embedding row of the checkpoint, and `<|endofchunk|>`,
-    `<image>` and `<PAD>` the ids OpenFlamingo's factory gave them with the same tokenizer."""
+    `<image>` and `<PAD>` the ids OpenFlamingo's factory gave them: appended in that order after the
+    LM's own tokens, `<PAD>` when the LM's tokenizer had no pad token (pad_token_added: whether it
+    did for this release; None: as this tokenizer says)."""
     rows = model.get_input_embeddings().weight.shape[0]
-    tokenizer = processor.tokenizer
     if len(tokenizer) != rows:
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens with OpenFlamingo's added ones, but the checkpoint's embedding "
             f"has {rows} rows: pass the tokenizer the model was trained with (--tokenizer)"
         )
-    theirs = open_flamingo_tokenizer(tokenizer_source)
-    for token in ("<|endofchunk|>", "<image>", theirs.pad_token):
-        ours, expected = tokenizer.convert_tokens_to_ids(token), theirs.convert_tokens_to_ids(token)
-        if ours != expected:
-            raise ValueError(f"{token} has id {ours} here but {expected} in OpenFlamingo's tokenizer")
+    if pad_token_added is None:
+        pad_token_added = tokenizer.pad_token == "<PAD>"
+    added = ["<|endofchunk|>", "<image>"] + (["<PAD>"] if pad_token_added else [])
+    vocabulary = tokenizer.get_vocab()
+    for expected, token in enumerate(added, start=rows - len(added)):
+        if vocabulary.get(token) != expected:
+            raise ValueError(
+                f"{token} has id {vocabulary.get(token)} but OpenFlamingo gave it {expected} ({', '.join(added)} after the "
+                "LM's own tokens): pass the tokenizer the model was trained with (--tokenizer)"
+            )
 
 
 def set_vision_activation(model, act: str):
@@ -130,6 +126,7 @@ def convert_open_flamingo(
     base_models: list[str] | None = None,
     license: str | None = None,
     origin: str = "OpenFlamingo",
+    pad_token_added: bool | None = None,
     verify: bool = False,
 ) -> ConversionSummary:
     """Convert an OpenFlamingo checkpoint to a Flaminko folder at `out` (safetensors, config,
@@ -138,7 +135,8 @@ def convert_open_flamingo(
     running its code). `convention`: how the checkpoint's training read the vision tower's patch
     tokens (see VISION_CONVENTIONS); `dtype`: the weights' dtype in the folder; `base_models`
     (Hub ids, also recorded as the config's backbones), `license` and `origin` (the release) go to
-    the model card. With `verify`, OpenFlamingo's own model is built
+    the model card; `pad_token_added`: whether OpenFlamingo added `<PAD>` (None: when the tokenizer
+    has no pad token of its own). With `verify`, OpenFlamingo's own model is built
     around the same backbones and compared."""
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -149,16 +147,19 @@ def convert_open_flamingo(
         open_clip_visual = vision if os.path.isfile(vision) else None
         if open_clip_visual is not None:
             vision = save_open_clip_visual_as_hf(open_clip_visual, Path(scratch) / "vision", hidden_act=act or "quick_gelu")
-        checkpoint = load_state_dict(checkpoint_path)
-        lm_folder = language_model
+        lm_folder, query_key_norms = language_model, {}
         if is_mosaic_gpt(model_config_dict(language_model)):
             local = language_model if os.path.isdir(language_model) else download_without_code(language_model)
             lm_folder, query_key_norms = write_mosaic_gpt_as_mpt(local, Path(scratch) / "lm", DTYPES[dtype])
-            checkpoint = {**checkpoint, **{f"lang_encoder.{name}": tensor for name, tensor in query_key_norms.items()}}
-        tokenizer_source = tokenizer or lm_folder
         text_config = AutoConfig.from_pretrained(lm_folder)
         if text_config.model_type == "mpt":
             check_mpt_config(text_config)
+        # The LM's QK LayerNorm weights (MosaicGPT's) are placed with the checkpoint, under the LM's names.
+        checkpoint = {
+            **load_state_dict(checkpoint_path),
+            **{f"lang_encoder.{name}": tensor for name, tensor in query_key_norms.items()},
+        }
+        tokenizer_source = tokenizer or lm_folder
         model, processor = FlaminkoForConditionalGeneration.from_backbones(
             vision,
             lm_folder,
@@ -174,7 +175,7 @@ def convert_open_flamingo(
             model, checkpoint, original_vocab_size=text_config.vocab_size, init_missing_token_rows=init_missing_token_rows
         )
         summary.left_out = left_out
-        check_token_rows(model, processor, tokenizer_source)
+        check_token_rows(model, processor.tokenizer, pad_token_added=pad_token_added)
         base_models = base_models or [str(open_clip_visual or vision), str(language_model)]
         model.config.vision_config._name_or_path, model.config.text_config._name_or_path = base_models
         write_converted_folder(

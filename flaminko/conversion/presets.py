@@ -22,6 +22,8 @@ class Release:
     vision: str = CLIP_VIT_L_14
     # Released models were trained before open_clip 2.23: patch tokens before ln_post, QuickGELU.
     convention: str = "openflamingo"
+    # Their tokenizers (GPT-NeoX-20B's, LLaMA's, Polyglot-Ko's) had no pad token: OpenFlamingo added <PAD>.
+    pad_token_added: bool = True
 
 
 PRESETS = {
@@ -71,5 +73,6 @@ def resolve_preset(name: str, *, checkpoint=None, language_model=None, vision=No
         # The card names the released backbones, whichever local copies were converted.
         "base_models": [release.vision, release.language_model or language_model],
         "license": release.license,
+        "pad_token_added": release.pad_token_added,
         "origin": f"{name} ({release.checkpoint_repo})" if release.checkpoint_repo else name,
     }

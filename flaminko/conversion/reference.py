@@ -12,7 +12,7 @@ import types
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
 from ..configuration_flaminko import CACHE_NAME
 from ..modeling_flaminko import decoder_layers_path
@@ -85,6 +85,16 @@ class _OpenClipLikeTower(nn.Module):
         return output.pooler_output, tokens[:, 1:]
 
 
+def open_flamingo_tokenizer(name_or_path):
+    """The tokenizer as OpenFlamingo's factory sets it up: `<|endofchunk|>` and `<image>` added, then
+    `<PAD>` when it has no pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    return tokenizer
+
+
 class _CacheUnderItsName:
     """Hands the LM the cache under the installed transformers' name: OpenFlamingo's Flamingo.forward
     passes `past_key_values=`, which transformers 5.24 renamed `cache`."""
@@ -113,7 +123,6 @@ def build_open_flamingo(
     from .open_clip import open_clip_tower, vision_convention
 
     from .mosaic_gpt import is_mosaic_gpt, model_config_dict
-    from .open_flamingo import open_flamingo_tokenizer
 
     flamingo, flamingo_lm, utils = open_flamingo_modules()
     tokenizer = open_flamingo_tokenizer(tokenizer or language_model)
