@@ -348,6 +348,7 @@ def test_buffers_transformers_5_recomputes_are_checked_and_left_out(backbones):
     assert list(kept) == ["perceiver.latents"]
     assert "lang_encoder.gpt_neox.layers.*.decoder_layer.attention.bias (4 keys)" in left_out
     assert "vision_encoder.embeddings.position_ids (1 key)" in left_out
+    assert drop_recomputed_buffers(buffers, model.to(torch.bfloat16))[1] == left_out  # --dtype bfloat16 rounds its own
 
     buffers["lang_encoder.gpt_neox.layers.2.decoder_layer.attention.rotary_emb.inv_freq"] *= 2  # another rotary base
     buffers["lang_encoder.gpt_neox.layers.0.decoder_layer.attention.masked_bias"] = torch.tensor(-1e4)
