@@ -112,6 +112,7 @@ class GPTBlock(nn.Module):
 
 
 class MosaicGPT(PreTrainedModel, GenerationMixin):
+    config: MosaicGPTConfig
     config_class = MosaicGPTConfig
     base_model_prefix = "mosaic_gpt"
 

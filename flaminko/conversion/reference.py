@@ -85,10 +85,10 @@ class _OpenClipLikeTower(nn.Module):
         return output.pooler_output, tokens[:, 1:]
 
 
-def open_flamingo_tokenizer(name_or_path):
+def open_flamingo_tokenizer(name_or_path, trust_remote_code: bool = False):
     """The tokenizer as OpenFlamingo's factory sets it up: `<|endofchunk|>` and `<image>` added, then
     `<PAD>` when it has no pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})
@@ -125,8 +125,9 @@ def build_open_flamingo(
     from .mosaic_gpt import is_mosaic_gpt, model_config_dict
 
     flamingo, flamingo_lm, utils = open_flamingo_modules()
-    tokenizer = open_flamingo_tokenizer(tokenizer or language_model)
-    if is_mosaic_gpt(model_config_dict(language_model)):
+    mosaic_gpt = is_mosaic_gpt(model_config_dict(language_model))
+    tokenizer = open_flamingo_tokenizer(tokenizer or language_model, trust_remote_code=mosaic_gpt)
+    if mosaic_gpt:
         # As OpenFlamingo's factory: MosaicGPT's own code, its blocks at transformer.blocks, and
         # get/set_input_embeddings (which it lacks) given to the instance.
         lang_encoder = AutoModelForCausalLM.from_pretrained(language_model, trust_remote_code=True)
