@@ -21,6 +21,7 @@ from flaminko.conversion import convert_open_flamingo  # noqa: E402
 from flaminko.conversion.mosaic_gpt import mpt_config_from_mosaic_gpt  # noqa: E402
 from flaminko.conversion.open_flamingo import drop_recomputed_buffers  # noqa: E402
 from flaminko.conversion.presets import PRESETS  # noqa: E402
+from flaminko.release import model_card  # noqa: E402
 
 # MosaicGPT as mosaicml/examples v0.0.4 lays it out (examples/llm/src/models/mosaic_gpt and
 # layers/{attention,gpt_blocks}.py): the same module names, QK LayerNorm over the full width on
@@ -318,6 +319,10 @@ def test_release_converts_with_its_preset_and_matches_open_flamingo(backbones, r
     assert config["cross_attn_every_n_layers"] == preset.cross_attn_every_n_layers
     card = (out / "README.md").read_text()
     assert f"license: {preset.license}" in card and release in card
+    # `flaminko release` rewrites the card for the repo: the licence and the released backbones stay.
+    released = model_card(out, "org/converted").data
+    assert released.license == preset.license
+    assert released.base_model == [name for name in (preset.vision, preset.language_model) if name is not None]
 
     # The folder alone, as remote code where flaminko cannot be imported: same logits and tokens.
     model = FlaminkoForConditionalGeneration.from_pretrained(out).eval()
