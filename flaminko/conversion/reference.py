@@ -139,7 +139,8 @@ def build_open_flamingo(
     utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
     utils.extend_instance(lang_encoder, _CacheUnderItsName)
     lang_encoder.set_decoder_layers_attr_name(layers_path)
-    lang_encoder.resize_token_embeddings(len(tokenizer))
+    # The new rows' start is overwritten by the checkpoint (or, for rows it lacks, set as the converter sets them).
+    lang_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     post_layernorm, act = vision_convention(convention)
     clip = CLIPVisionModel.from_pretrained(vision, **({"hidden_act": act} if act else {}))
     vision_encoder = nn.Module()
