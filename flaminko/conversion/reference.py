@@ -120,9 +120,8 @@ def build_open_flamingo(
     freezing), its vision tower reading the patch tokens in the given convention: open_clip's own
     tower built from the open_clip_visual file when given, else the HF CLIP at `vision`.
     Returns (model, tokenizer)."""
-    from .open_clip import open_clip_tower, vision_convention
-
     from .mosaic_gpt import is_mosaic_gpt, model_config_dict
+    from .open_clip import open_clip_tower, vision_convention
 
     flamingo, flamingo_lm, utils = open_flamingo_modules()
     mosaic_gpt = is_mosaic_gpt(model_config_dict(language_model))
