@@ -236,7 +236,9 @@ def release_state(reference, release: str) -> dict:
     embedding_name = next(k for k, p in reference.named_parameters() if p is reference.lang_encoder.get_input_embeddings().weight)
     trained[embedding_name] = state[embedding_name].clone()
     if "rpj3b" in release or release == "OpenFlaminKO":
-        trained["lang_encoder.embed_out.weight"] = reference.lang_encoder.get_output_embeddings().weight.detach().clone()
+        output = reference.lang_encoder.get_output_embeddings().weight.detach().clone()
+        output[-3:] = 0.02 * torch.randn(3, output.shape[1])  # transformers 4.28 started new rows at random, not the mean
+        trained["lang_encoder.embed_out.weight"] = output
     if release in ("OpenFlamingo-4B-vitl-rpj3b", "OpenFlaminKO"):  # saved under transformers 4.28 (OpenFlaminKO: <= 4.35)
         trained.update(gpt_neox_4_28_buffers(reference, "lang_encoder.gpt_neox.layers"))
     if release == "OpenFlamingo-9B-deprecated":

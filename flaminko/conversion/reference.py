@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
 from ..configuration_flaminko import CACHE_NAME
+from ..modeling_flaminko import _TRANSFORMERS_4_NAMES as TRANSFORMERS_4_NAMES
 from ..modeling_flaminko import decoder_layers_path
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
@@ -162,6 +163,18 @@ def build_open_flamingo(
     return model, tokenizer
 
 
+def _under_transformers_5_names(checkpoint: dict, lm_type: str) -> dict:
+    """The checkpoint's LM keys under the names transformers 5 keeps in memory (GPT-NeoX's `embed_out` is
+    `lm_head`), so that OpenFlamingo's strict=False load places them as it did under transformers 4."""
+    renamed = {}
+    for key, tensor in checkpoint.items():
+        for old, new in TRANSFORMERS_4_NAMES.get(lm_type, {}).items():
+            if key.startswith(f"lang_encoder.{old}"):
+                key = f"lang_encoder.{new}{key[len(f'lang_encoder.{old}'):]}"
+        renamed[key] = tensor
+    return renamed
+
+
 def probe_inputs(tokenizer, image_size: int, seed: int = 0):
     """Two prompts, left-padded, with text before the first image and several images each."""
     generator = torch.Generator().manual_seed(seed)
@@ -196,7 +209,7 @@ def compare_with_open_flamingo(
     reference, reference_tokenizer = build_open_flamingo(
         vision, language_model, cross_attn_every_n_layers, tokenizer, convention=convention, open_clip_visual=open_clip_visual
     )
-    reference.load_state_dict(checkpoint, strict=False)
+    reference.load_state_dict(_under_transformers_5_names(checkpoint, reference.lang_encoder.config.model_type), strict=False)
     reference.eval()
     if initialised_from_row is not None:
         with torch.no_grad():
