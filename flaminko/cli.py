@@ -18,6 +18,16 @@ import sys
 
 DEBUG_ENVIRONMENT_VARIABLE = "FLAMINKO_DEBUG"
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
+# The released models `flaminko convert open-flamingo --preset` knows (flaminko.conversion.presets.PRESETS).
+PRESET_NAMES = (
+    "OpenFlamingo-3B-vitl-mpt1b",
+    "OpenFlamingo-3B-vitl-mpt1b-langinstruct",
+    "OpenFlamingo-4B-vitl-rpj3b",
+    "OpenFlamingo-4B-vitl-rpj3b-langinstruct",
+    "OpenFlamingo-9B-vitl-mpt7b",
+    "OpenFlamingo-9B-deprecated",
+    "OpenFlaminKO",
+)
 
 
 def _add_demo(commands):
@@ -42,13 +52,19 @@ def _add_convert(commands):
     open_flamingo = sources.add_parser(
         "open-flamingo", help="OpenFlamingo / OpenFlaminKO / OmniCorpus checkpoint (.pt, .bin, .safetensors)"
     )
-    open_flamingo.add_argument("--checkpoint", required=True, help="flat state dict or training checkpoint")
     open_flamingo.add_argument(
-        "--vision", required=True, help="CLIP: Hub id or folder, or an open_clip visual state dict file"
+        "--preset",
+        choices=PRESET_NAMES,
+        metavar="NAME",
+        help="a released model, its checkpoint downloaded and its settings filled in: " + ", ".join(PRESET_NAMES),
     )
-    open_flamingo.add_argument("--lm", required=True, help="causal LM: Hub id or folder")
+    open_flamingo.add_argument("--checkpoint", help="flat state dict or training checkpoint (with --preset: instead of the download)")
+    open_flamingo.add_argument(
+        "--vision", help="CLIP: Hub id or folder, or an open_clip visual state dict file (with --preset: a local copy)"
+    )
+    open_flamingo.add_argument("--lm", help="causal LM: Hub id or folder, MosaicGPT included (with --preset: a local copy)")
     open_flamingo.add_argument("--tokenizer", help="tokenizer, if not the LM's")
-    open_flamingo.add_argument("--cross-attn-every-n-layers", type=int, default=1)
+    open_flamingo.add_argument("--cross-attn-every-n-layers", type=int, help="default 1 (with --preset: the release's)")
     open_flamingo.add_argument(
         "--init-missing-token-rows",
         action="store_true",
@@ -57,11 +73,13 @@ def _add_convert(commands):
     open_flamingo.add_argument(
         "--vision-convention",
         choices=("openflamingo", "open_clip-2.23", "open_clip-2.29"),
-        default="openflamingo",
         help="how the checkpoint's training read the patch tokens: the open_clip version it ran with "
-        "(openflamingo: before 2.23, OpenFlamingo's released models; see docs/conversion.md)",
+        "(default openflamingo: before 2.23, OpenFlamingo's released models; see docs/conversion.md)",
     )
-    open_flamingo.add_argument("--verify", action="store_true", help="compare with OpenFlamingo's own code")
+    open_flamingo.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the converted weights' dtype"
+    )
+    open_flamingo.add_argument("--verify", action="store_true", help="compare with OpenFlamingo's own code (float32)")
     open_flamingo.add_argument("--out", required=True)
 
     mini = sources.add_parser("flamingo-mini", help="flamingo-mini folder (config.json + weights)")
@@ -76,25 +94,37 @@ def _convert(args):
     from .conversion.flamingo_mini import convert_flamingo_mini
     from .conversion.open_flamingo import convert_open_flamingo
 
-    if not os.path.exists(args.checkpoint):
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
     register_auto_classes()  # the written folder carries the remote code and an auto_map
     if args.source == "flamingo-mini":
         summary = convert_flamingo_mini(args.checkpoint, args.out, vision=args.vision, language_model=args.lm)
     else:
-        summary = convert_open_flamingo(
-            args.checkpoint,
-            args.vision,
-            args.lm,
-            args.out,
-            cross_attn_every_n_layers=args.cross_attn_every_n_layers,
-            tokenizer=args.tokenizer,
-            init_missing_token_rows=args.init_missing_token_rows,
-            convention=args.vision_convention,
-            verify=args.verify,
-        )
+        settings = _open_flamingo_settings(args)
+        summary = convert_open_flamingo(**settings, out=args.out, tokenizer=args.tokenizer, dtype=args.dtype, verify=args.verify)
     print(f"Flaminko folder written to {args.out}")
     print(summary)
+
+
+def _open_flamingo_settings(args) -> dict:
+    """convert_open_flamingo's arguments: the preset's, overridden by what the command line gives."""
+    from .conversion.presets import resolve_preset
+
+    if args.preset is not None:
+        settings = resolve_preset(args.preset, checkpoint=args.checkpoint, language_model=args.lm, vision=args.vision)
+    else:
+        missing = [option for option, value in (("--checkpoint", args.checkpoint), ("--vision", args.vision), ("--lm", args.lm)) if value is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required without --preset")
+        settings = {"checkpoint_path": args.checkpoint, "vision": args.vision, "language_model": args.lm}
+    for name, value in (
+        ("cross_attn_every_n_layers", args.cross_attn_every_n_layers),
+        ("convention", args.vision_convention),
+        ("init_missing_token_rows", args.init_missing_token_rows or None),
+    ):
+        if value is not None:
+            settings[name] = value
+    return settings
 
 
 def _add_eval(commands):

@@ -414,6 +414,42 @@ def media_attention_mask(
     return allowed[:, None], has_media[..., None]
 
 
+# MosaicGPT's QK LayerNorm (`attn_qk_ln`, in mpt-1b-redpajama-200b, OpenFlamingo-3B's LM): a
+# LayerNorm over the full width on the query and the key thirds of Wqkv's output. transformers' MPT
+# accepts `attn_config.qk_ln` but applies nothing, so Flaminko adds the two norms where MosaicGPT
+# has them (`attn.q_ln`, `attn.k_ln`: the LM's own parameter names) and applies them to Wqkv's output.
+
+
+class _MptQueryKeyLayerNorm:
+    """Forward hook of an MPT attention's Wqkv: normalises the query and key thirds of its output."""
+
+    def __init__(self, query_norm: nn.LayerNorm, key_norm: nn.LayerNorm):
+        self.query_norm = query_norm
+        self.key_norm = key_norm
+
+    def __call__(self, module, args, output):
+        query, key, value = output.chunk(3, dim=-1)
+        return torch.cat([self.query_norm(query).to(query.dtype), self.key_norm(key).to(key.dtype), value], dim=-1)
+
+
+def add_mpt_query_key_layernorm(language_model: PreTrainedModel):
+    """Gives an MPT LM whose config asks for QK LayerNorm (attn_config.qk_ln) its q_ln / k_ln, bias-free
+    as MPT's other norms; any other LM is left as it is."""
+    config = language_model.config
+    if config.model_type != "mpt" or not config.attn_config.qk_ln:
+        return
+    if config.attn_config.clip_qkv:
+        # MosaicGPT clips Wqkv's output before the norms; transformers' MPT clips after this hook.
+        raise ValueError("An MPT LM with both attn_config.qk_ln and attn_config.clip_qkv is not supported")
+    for block in decoder_layers(language_model):
+        attention = block.attn
+        if hasattr(attention, "q_ln"):
+            continue
+        attention.q_ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
+        attention.k_ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
+        attention.Wqkv.register_forward_hook(_MptQueryKeyLayerNorm(attention.q_ln, attention.k_ln))
+
+
 # OpenFlamingo's checkpoint layout. Kept here, below both the model's load_state_dict (which must
 # work as remote code, without the flaminko package) and flaminko.conversion, which both use it.
 
@@ -686,6 +722,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
+        add_mpt_query_key_layernorm(self.language_model)
         self.cross_attn_layers = nn.ModuleDict(
             {str(i): FlaminkoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
         )

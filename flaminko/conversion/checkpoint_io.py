@@ -47,6 +47,7 @@ class ConversionSummary:
     dtype: str = ""
     bytes_written: int = 0
     initialised: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None
 
     def __str__(self) -> str:
@@ -57,16 +58,23 @@ class ConversionSummary:
             f"bytes written:    {self.bytes_written:,}",
         ]
         lines += [f"initialised:      {note}" for note in self.initialised]
+        lines += [f"left out:         {note}, recomputed by transformers 5 (checked equal)" for note in self.left_out]
         if self.max_abs_diff is not None:
             lines.append(f"max |logits diff| vs reference: {self.max_abs_diff:.3g}")
         return "\n".join(lines)
 
 
-def write_converted_folder(model, processor, out, *, base_models: list[str], origin: str, summary: ConversionSummary):
+# Shards small enough that writing one (safetensors serialises a shard at a time) adds little to the peak.
+MAX_SHARD_SIZE = "2GB"
+
+
+def write_converted_folder(
+    model, processor, out, *, base_models: list[str], origin: str, summary: ConversionSummary, license: str | None = None
+):
     """Safetensors weights, config, processor, remote code and a model card; fills in the summary."""
     from ..hub_card import build_model_card, parameter_counts
 
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size=MAX_SHARD_SIZE)
     processor.save_pretrained(out)
     total, trained = parameter_counts(model)
     card = build_model_card(
@@ -75,6 +83,7 @@ def write_converted_folder(model, processor, out, *, base_models: list[str], ori
         trained_parameters=trained,
         base_models=base_models,
         origin=f"Converted from a {origin} checkpoint with `flaminko convert`.",
+        license=license,
     )
     card.save(Path(out) / "README.md")
     summary.parameters = sum(p.numel() for p in model.parameters())

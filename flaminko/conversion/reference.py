@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
+from ..configuration_flaminko import CACHE_NAME
+from ..modeling_flaminko import _TRANSFORMERS_4_NAMES as TRANSFORMERS_4_NAMES
 from ..modeling_flaminko import decoder_layers_path
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
@@ -84,6 +86,34 @@ class _OpenClipLikeTower(nn.Module):
         return output.pooler_output, tokens[:, 1:]
 
 
+def open_flamingo_tokenizer(name_or_path, trust_remote_code: bool = False):
+    """The tokenizer as OpenFlamingo's factory sets it up: `<|endofchunk|>` and `<image>` added, then
+    `<PAD>` when it has no pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    return tokenizer
+
+
+class _CacheUnderItsName:
+    """Hands the LM the cache under the installed transformers' name: OpenFlamingo's Flamingo.forward
+    passes `past_key_values=`, which transformers 5.24 renamed `cache`."""
+
+    def forward(self, *args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs[CACHE_NAME] = kwargs.pop("past_key_values")
+        return super().forward(*args, **kwargs)
+
+
+class _MosaicGPTEmbeddings:
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.wte = new_embeddings
+
+
 def build_open_flamingo(
     vision, language_model, cross_attn_every_n_layers: int, tokenizer=None, *, convention="openflamingo", open_clip_visual=None
 ):
@@ -91,18 +121,26 @@ def build_open_flamingo(
     freezing), its vision tower reading the patch tokens in the given convention: open_clip's own
     tower built from the open_clip_visual file when given, else the HF CLIP at `vision`.
     Returns (model, tokenizer)."""
+    from .mosaic_gpt import is_mosaic_gpt, model_config_dict
     from .open_clip import open_clip_tower, vision_convention
 
     flamingo, flamingo_lm, utils = open_flamingo_modules()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer or language_model)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
-    layers_path = decoder_layers_path(lang_encoder)
+    mosaic_gpt = is_mosaic_gpt(model_config_dict(language_model))
+    tokenizer = open_flamingo_tokenizer(tokenizer or language_model, trust_remote_code=mosaic_gpt)
+    if mosaic_gpt:
+        # As OpenFlamingo's factory: MosaicGPT's own code, its blocks at transformer.blocks, and
+        # get/set_input_embeddings (which it lacks) given to the instance.
+        lang_encoder = AutoModelForCausalLM.from_pretrained(language_model, trust_remote_code=True)
+        utils.extend_instance(lang_encoder, _MosaicGPTEmbeddings)
+        layers_path = "transformer.blocks"
+    else:
+        lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
+        layers_path = decoder_layers_path(lang_encoder)
     utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
+    utils.extend_instance(lang_encoder, _CacheUnderItsName)
     lang_encoder.set_decoder_layers_attr_name(layers_path)
-    lang_encoder.resize_token_embeddings(len(tokenizer))
+    # The new rows' start is overwritten by the checkpoint (or, for rows it lacks, set as the converter sets them).
+    lang_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     post_layernorm, act = vision_convention(convention)
     clip = CLIPVisionModel.from_pretrained(vision, **({"hidden_act": act} if act else {}))
     vision_encoder = nn.Module()
@@ -123,6 +161,18 @@ def build_open_flamingo(
     model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
     model.lang_encoder.get_input_embeddings().requires_grad_(True)
     return model, tokenizer
+
+
+def _under_transformers_5_names(checkpoint: dict, lm_type: str) -> dict:
+    """The checkpoint's LM keys under the names transformers 5 keeps in memory (GPT-NeoX's `embed_out` is
+    `lm_head`), so that OpenFlamingo's strict=False load places them as it did under transformers 4."""
+    renamed = {}
+    for key, tensor in checkpoint.items():
+        for old, new in TRANSFORMERS_4_NAMES.get(lm_type, {}).items():
+            if key.startswith(f"lang_encoder.{old}"):
+                key = f"lang_encoder.{new}{key[len(f'lang_encoder.{old}'):]}"
+        renamed[key] = tensor
+    return renamed
 
 
 def probe_inputs(tokenizer, image_size: int, seed: int = 0):
@@ -159,7 +209,7 @@ def compare_with_open_flamingo(
     reference, reference_tokenizer = build_open_flamingo(
         vision, language_model, cross_attn_every_n_layers, tokenizer, convention=convention, open_clip_visual=open_clip_visual
     )
-    reference.load_state_dict(checkpoint, strict=False)
+    reference.load_state_dict(_under_transformers_5_names(checkpoint, reference.lang_encoder.config.model_type), strict=False)
     reference.eval()
     if initialised_from_row is not None:
         with torch.no_grad():
@@ -168,7 +218,13 @@ def compare_with_open_flamingo(
     image_size = CLIPVisionModel.config_class.from_pretrained(vision).image_size
     vision_x, input_ids, attention_mask = probe_inputs(reference_tokenizer, image_size)
     settings = [{"num_beams": 1}, {"num_beams": 3}]
-    common = {"max_new_tokens": 8, "eos_token_id": reference.eoc_token_id, "pad_token_id": reference_tokenizer.pad_token_id}
+    # <image> suppressed in both, as OpenFlamingo's evaluation does: no image stands behind a generated one.
+    common = {
+        "max_new_tokens": 8,
+        "eos_token_id": reference.eoc_token_id,
+        "pad_token_id": reference_tokenizer.pad_token_id,
+        "suppress_tokens": [reference.media_token_id],
+    }
     with torch.no_grad():
         expected = reference(vision_x=vision_x, lang_x=input_ids, attention_mask=attention_mask).logits
         expected_tokens = [
@@ -180,7 +236,7 @@ def compare_with_open_flamingo(
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": vision_x}
     with torch.no_grad():
         logits = model(**inputs).logits
-        tokens = [model.generate(**inputs, **common, suppress_tokens=[], **setting) for setting in settings]
+        tokens = [model.generate(**inputs, **common, **setting) for setting in settings]
     for setting, ours, theirs in zip(settings, tokens, expected_tokens):
         if not torch.equal(ours, theirs):
             raise AssertionError(f"Generations differ with {setting}: {ours.tolist()} vs OpenFlamingo {theirs.tolist()}")
