@@ -148,6 +148,36 @@ def test_rices_demonstrations_and_vqa(model_folder, data, tmp_path):
     assert list((tmp_path / "cache").glob("rices-*.safetensors"))
 
 
+def test_ok_vqa_predictions_are_stemmed_before_scoring(model_folder, data, tmp_path):
+    from flaminko.evaluation.ok_vqa import stem_ok_vqa_answer
+    from flaminko.evaluation.prompts import PROMPT_FORMATS, postprocess
+
+    # OK-VQA v1.1 annotations: stemmed answers, each with its raw form.
+    annotations = {
+        "annotations": [
+            {"question_id": 100 + n, "image_id": n, "answers": [{"answer": "ride", "raw_answer": "riding"}] * 10}
+            for n in range(6)
+        ]
+    }
+    (tmp_path / "ok_vqa_annotations.json").write_text(json.dumps(annotations))
+    report = evaluate(
+        str(model_folder), task="vqa", data=data["vqa_questions"], annotations=tmp_path / "ok_vqa_annotations.json",
+        image_root=data["root"] / "images", limit=3, num_beams=1, output_dir=tmp_path / "out", progress=False,
+    )  # fmt: skip
+    assert "OK-VQA stemming" in report["answer_stemming"]
+    predictions = (tmp_path / "out" / "predictions-vqa-0shot-trial0.jsonl").read_text()
+    records = [json.loads(line) for line in predictions.splitlines()]
+    template = PROMPT_FORMATS["open_flamingo"]
+    assert [r["prediction"] for r in records] == [
+        stem_ok_vqa_answer(postprocess("vqa", r["generated"], template)) for r in records
+    ]
+    vqav2 = evaluate(
+        str(model_folder), task="vqa", data=data["vqa_questions"], annotations=data["vqa_annotations"],
+        image_root=data["root"] / "images", limit=1, num_beams=1, output_dir=tmp_path / "vqav2", progress=False,
+    )  # fmt: skip
+    assert "answer_stemming" not in vqav2
+
+
 def test_classification_ranks_class_names_with_the_ranking_api(model_folder, data, tmp_path):
     from flaminko.evaluation.runner import load_model
     from flaminko.evaluation.ranking import score_candidates

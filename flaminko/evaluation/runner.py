@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .datasets import TASKS, load_class_names, load_task_data
 from .metrics import captioning_scores, classification_scores, vqa_scores
+from .ok_vqa import STEMMING, stem_ok_vqa_answer, stemming_tools
 from .prompts import (
     DECODING,
     LONG_ANSWER_LAYOUTS,
@@ -177,7 +178,10 @@ def _predict(
     texts = processor.batch_decode(output[:, batch["input_ids"].shape[1] :])
     records = []
     for query, text in zip(queries, texts):
-        record = {"prediction": postprocess(task, text, prompt_format), "generated": text}
+        prediction = postprocess(task, text, prompt_format)
+        if query.get("layout") == "ok_vqa":
+            prediction = stem_ok_vqa_answer(prediction)
+        record = {"prediction": prediction, "generated": text}
         record["references" if task == "captioning" else "answers"] = query[
             "captions" if task == "captioning" else "answers"
         ]
@@ -249,6 +253,8 @@ def evaluate(
         task, data, annotations=annotations, class_names=class_names, image_root=image_root, split=data_split
     )
     queries = queries[:limit] if limit else queries
+    if queries[0].get("layout") == "ok_vqa":
+        stemming_tools()  # missing, it is said now rather than after the model has answered
     support_set = []
     if support is not None:
         support_set = load_task_data(
@@ -392,6 +398,7 @@ def evaluate(
         else "no demonstrations",
         "prompt_format": prompt_format,
         "decoding": provenance["decoding"],
+        **({"answer_stemming": STEMMING} if queries[0].get("layout") == "ok_vqa" else {}),
         "metrics": summary,
         "processes": state.num_processes,
         "dtype": str(model.dtype).removeprefix("torch."),
