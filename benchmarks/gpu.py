@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, CLIPVisionConfig, CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration
-from flaminko.configuration_flaminko import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG
+from flaminko.configuration_flaminko import CACHE_NAME, DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG
 from flaminko.modeling_flaminko import media_attention_mask
 from machine import OtherLoad
 
@@ -193,9 +193,9 @@ def attention_kernels(model, device, dtype):
         from transformers import StaticCache
 
         cache = StaticCache(config=language_model.config, max_cache_len=64)
-        language_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache)
+        language_model(input_ids=input_ids, attention_mask=attention_mask, **{CACHE_NAME: cache})
         step_mask = torch.ones(1, 33, dtype=attention_mask.dtype, device=device)
-        language_model(input_ids=input_ids[:, :1], attention_mask=step_mask, past_key_values=cache)
+        language_model(input_ids=input_ids[:, :1], attention_mask=step_mask, **{CACHE_NAME: cache})
 
     result["self_attention_prefill_and_static_step"] = names(static_step)
     block = next(iter(model.cross_attn_layers.values())).attn

@@ -31,7 +31,7 @@ from compare import SHAPES
 from machine import OtherLoad
 
 from flaminko import FlaminkoForConditionalGeneration, register_auto_classes, tiny
-from flaminko.serve import BackgroundServer, build_app
+from flaminko.serving import BackgroundServer, build_app
 
 CLIENTS = (1, 8)
 SERVERS = {"batching": 8, "sequential": 1}

@@ -210,7 +210,7 @@ def _chat(args):
 
 
 def _add_serve(commands):
-    from .serve import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
+    from .serving import DEFAULT_BATCH_WINDOW_MS, DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_MB
 
     serve = commands.add_parser(
         "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models) on transformers' serving stack"
@@ -231,12 +231,40 @@ def _add_serve(commands):
         "--batch-window-ms", "--batch_window_ms", dest="batch_window_ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
         help="how long an idle server waits for more requests to join the first one's batch (default: %(default)s)",
     )
+    images = serve.add_argument_group("request images (data URLs are always accepted)")
+    images.add_argument(
+        "--allow-local-files", "--allow_local_files", dest="allow_local_files", metavar="DIR",
+        help="serve image paths and file:// URLs that resolve inside DIR (default: no local files)",
+    )
+    images.add_argument(
+        "--no-fetch-images", "--no_fetch_images", dest="fetch_images", action="store_false",
+        help="refuse http(s) image URLs (default: fetch them from public addresses)",
+    )
+    images.add_argument(
+        "--allow-private-urls", "--allow_private_urls", dest="allow_private_urls", action="store_true",
+        help="also fetch from loopback, private and link-local addresses (default: refused)",
+    )
+    images.add_argument(
+        "--fetch-timeout", "--fetch_timeout", dest="fetch_timeout", type=float, default=DEFAULT_FETCH_TIMEOUT_S, metavar="SECONDS",
+        help="deadline for fetching one image URL, redirects included (default: %(default)s)",
+    )
+    images.add_argument(
+        "--max-image-mb", "--max_image_mb", dest="max_image_mb", type=float, default=DEFAULT_MAX_IMAGE_MB, metavar="MB",
+        help="largest image file accepted, from any source (default: %(default)s)",
+    )
     serve.add_argument("--log-level", "--log_level", dest="log_level", default="warning", choices=("debug", "info", "warning", "error"))
 
 
 def _serve(args):
-    from .serve import serve
+    from .serving import ImageSources, serve
 
+    images = ImageSources(
+        local_files=args.allow_local_files,
+        fetch_urls=args.fetch_images,
+        allow_private_urls=args.allow_private_urls,
+        fetch_timeout_s=args.fetch_timeout,
+        max_image_mb=args.max_image_mb,
+    )
     serve(
         args.model,
         host=args.host,
@@ -247,6 +275,7 @@ def _serve(args):
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms,
+        images=images,
     )
 
 

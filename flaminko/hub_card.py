@@ -2,11 +2,14 @@
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .configuration_flaminko import TRANSFORMERS_WINDOW
+
 DEFAULT_LICENSE = "apache-2.0"
 # The usage snippet's model before a release names the repo id.
 LOCAL_FOLDER = "path/to/this/folder"
-# What loading a released folder needs: its code ships with it (remote code), so no package is installed.
-REQUIREMENTS = "transformers>=5.17, torch, pillow"
+# What loading a released folder needs: its code ships with it (remote code), so no package is installed;
+# that code runs on the transformers releases of the window, and says so on any other.
+REQUIREMENTS = f"transformers{TRANSFORMERS_WINDOW}, torch, pillow"
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -48,7 +51,8 @@ print(processor.batch_decode(model.generate(**batch, max_new_tokens=20, num_beam
 
 Nothing to install beyond `pip install "{{ requirements }}"`: the model's code
 (`configuration_flaminko.py`, `modeling_flaminko.py`, `processing_flaminko.py`) comes with it and
-`trust_remote_code=True` runs it. With the Flaminko package installed from its source repository,
+`trust_remote_code=True` runs it. That code is tested on transformers `{{ window }}` and, on any
+other release, stops at loading with one line naming this window. With the Flaminko package installed from its source repository,
 `import flaminko` registers the same classes and `trust_remote_code` is not needed.
 {% if training %}
 ## Training
@@ -143,4 +147,5 @@ def build_model_card(
         evaluation=evaluation or [],
         kept_sections=kept_sections,
         requirements=REQUIREMENTS,
+        window=TRANSFORMERS_WINDOW,
     )

@@ -14,6 +14,7 @@ import contextvars
 import copy
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,6 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
 
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
@@ -49,7 +49,6 @@ MEDIA_KWARG = "flaminko_media"
 # media travel in a context variable instead (per thread and per nested call, like the keyword).
 LAYERS_WITHOUT_KWARGS = ("gptj", "mpt")
 _MEDIA_OF_THIS_CALL: contextvars.ContextVar = contextvars.ContextVar("flaminko_media", default=None)
-logger = logging.get_logger(__name__)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -337,7 +336,7 @@ def _take_cache(cache, kwargs: dict):
     if cache is not None:
         raise ValueError("Pass cache or past_key_values, not both")
     if CACHE_NAME != "past_key_values" and not torch.compiler.is_compiling():
-        logger.warning_once("`past_key_values` is deprecated: pass the cache as `cache`")
+        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the cache as `cache`", FutureWarning)
     return old
 
 

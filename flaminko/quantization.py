@@ -6,7 +6,7 @@ A batch-1 decoding step on a CPU streams every weight it multiplies by once; sto
 float32 they are a quarter of the bytes, and PyTorch's dynamic quantization (`quantize_dynamic`:
 int8 weights with a scale per output row, activations quantized on the fly per call) multiplies
 them with FBGEMM/oneDNN int8 kernels. Of the CPU paths measured for this project it decodes
-fastest, ahead of the `quantization_config` quantizers (README, "Quantized loading";
+fastest, ahead of the `quantization_config` quantizers (docs/quantization.md;
 benchmarks/quantize.py).
 
 It is CPU-only, for inference, and in memory only (a quantized model is not saved: quantize after
@@ -56,7 +56,7 @@ def quantize(model, *, modules_to_not_convert=DYNAMIC_INT8_SKIPS):
     qconfig_spec = dict.fromkeys(targets, torch.ao.quantization.per_channel_dynamic_qconfig)
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, whose CPU int8 paths decode slower
-        # than this one here (README); the warning says so on every call, which is what the user chose.
+        # than this one here (docs/quantization.md); the warning says so on every call, which is what the user chose.
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.quantize_per_(tensor|channel).*deprecated", category=UserWarning)
         torch.ao.quantization.quantize_dynamic(model, qconfig_spec, inplace=True)

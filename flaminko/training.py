@@ -160,7 +160,7 @@ def _has_accelerator(training_args: TrainingArguments) -> bool:
 
 def check_sharding(training_args: TrainingArguments):
     """Sharded training launched on the CPU, where accelerate does other than it was asked
-    (README, sharded training): FSDP (an FSDP accelerate config, or --fsdp) would run as plain DDP
+    (docs/training.md, sharded training): FSDP (an FSDP accelerate config, or --fsdp) would run as plain DDP
     without a word; DeepSpeed without --use_cpu would count one process and stop on DeepSpeed's
     batch-size check."""
     import accelerate

@@ -1,5 +1,5 @@
-"""The README's command lines, run as written through the `flaminko` console script and torchrun,
-with the Hub names swapped for tiny local backbones and the budgets cut to a few steps."""
+"""The command lines of the README and its docs/ pages, run as written through the `flaminko` console
+script and torchrun, with the Hub names swapped for tiny local backbones and the budgets cut to a few steps."""
 
 import json
 import os
@@ -23,7 +23,7 @@ def flaminko(*arguments, cwd):
 
 
 def test_flaminko_train_command(backbones, caption_table, tmp_path):  # noqa: F811
-    # README: flaminko train --vision_model ... --language_model ... --train_data captions.tsv --eval_fraction 0.05
+    # README (and docs/training.md): flaminko train --vision_model ... --language_model ... --train_data captions.tsv --eval_fraction 0.05
     #   --output_dir runs/ko --max_steps 2000 --per_device_train_batch_size 32 --learning_rate 1e-4 --bf16 --activation_checkpointing
     result = flaminko(
         "train", "--vision_model", backbones["vision"], "--language_model", backbones["gpt_neox"],
@@ -43,7 +43,7 @@ def free_port():
 
 
 def test_torchrun_line_with_the_example_yaml(backbones, caption_table, tmp_path):  # noqa: F811
-    # README: torchrun --nproc_per_node 8 -m flaminko.cli train examples/train_openflaminko.yaml
+    # docs/training.md: torchrun --nproc_per_node 8 -m flaminko.cli train examples/train_openflaminko.yaml
     with open("examples/train_openflaminko.yaml", encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
     config.update(
@@ -70,7 +70,7 @@ def test_flaminko_demo_command(tmp_path):
 
 
 def test_convert_flamingo_mini_command(backbones, tmp_path):
-    # README: flaminko convert flamingo-mini --checkpoint path/to/flamingo-mini --out flamingo-mini-hf
+    # docs/conversion.md: flaminko convert flamingo-mini --checkpoint path/to/flamingo-mini --out flamingo-mini-hf
     from test_conversion_flamingo_mini import flamingo_mini_folder
 
     flamingo_mini_folder(tmp_path / "flamingo-mini", backbones, "gpt2", 2)

@@ -1,0 +1,283 @@
+"""The HTTP side of flaminko serve: the FastAPI app, the checks every request passes once, at the
+boundary, before it is queued, and the server's start."""
+
+import asyncio
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE, REQUEST_SEED, GenerationFailed, batching_classes
+from .images import ImageRefused, ImageSources
+
+ROLES = ("system", "user", "assistant")
+# Threads that fetch and decode requests' images and make their prompts. asyncio's default pool has
+# min(32, cores + 4): on a small machine a few slow image URLs would fill it and hold up the others.
+PREPARING_THREADS = 32
+
+
+class RequestError(Exception):
+    """A bad request, answered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def build_app(
+    model: str,
+    *,
+    served_model_name: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+    images: ImageSources | None = None,
+    log_level: str = "warning",
+):
+    """The app serving a Flaminko folder or Hub id (loaded now, kept loaded); `images` says where
+    request images may come from (default: data URLs and public http(s) URLs)."""
+    from transformers.utils import logging
+
+    from ..hub import check_model_source
+    from ..inference import load
+    from .stack import TransformersServing
+
+    if max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+    if batch_window_ms < 0:
+        raise ValueError(f"--batch-window-ms must be at least 0, got {batch_window_ms}")
+    images = images or ImageSources()
+    check_model_source(model, option="MODEL")
+    stack = TransformersServing()
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    # transformers' serving modules log every request as a warning: they speak at info and below.
+    serving_level = log_level if log_level in ("debug", "info") else "error"
+    logging.get_logger("transformers.cli.serving").setLevel(logging.log_levels[serving_level])
+    served_name = served_model_name or model
+    loaded, processor = load(model, device=device, dtype=dtype)
+    processor_lock = threading.Lock()  # one tokenizer, shared by the requests' threads
+    _, manager_class = batching_classes(stack.utils)
+    manager = manager_class(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+    preparing = ThreadPoolExecutor(PREPARING_THREADS, thread_name_prefix="flaminko-prepare")
+
+    def prepare(messages):
+        """The prompt's tensors, images fetched and decoded: blocking work, run off the event loop."""
+        conversation = []
+        for message in messages:
+            content = []
+            for part in message["content"]:
+                if part["type"] == "image":
+                    try:
+                        content.append({"type": "image", "image": images.load(part["url"])})
+                    except ImageRefused as error:
+                        raise RequestError(400, f"{part['where']}: {error}", param="messages", code="invalid_image") from None
+                else:
+                    content.append(part)
+            conversation.append({"role": message["role"], "content": content})
+        try:
+            with processor_lock:
+                inputs = processor.apply_chat_template(
+                    conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+                )
+        except (ValueError, TypeError) as error:
+            raise RequestError(400, " ".join(str(error).split()), param="messages") from error
+        return inputs.to(loaded.device)
+
+    class ChatCompletionHandler(stack.chat_completion.ChatCompletionHandler):
+        """transformers' handler (fields, settings, response shapes); the request is checked here, once."""
+
+        async def handle_request(self, body, request_id):
+            self._validate_request(body)
+            check_model(body, served_name, model)
+            check_settings(body)
+            seed = check_seed(body.pop("seed", None))
+            messages = check_messages(body.get("messages"))
+            inputs = await asyncio.get_running_loop().run_in_executor(preparing, prepare, messages)
+            config = self._build_generation_config(body, loaded.generation_config)
+            REQUEST_SEED.set(seed)
+            if body.get("stream"):
+                return self._streaming(request_id, loaded, processor, served_name, inputs, config, gen_manager=manager)
+            return await self._non_streaming(request_id, loaded, processor, served_name, inputs, config, gen_manager=manager)
+
+        def _build_generation_config(self, body, model_generation_config, use_cb=False):
+            config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
+            temperature, top_p = body.get("temperature"), body.get("top_p")
+            if temperature != 0 and ((temperature is not None and temperature > 0) or (top_p is not None and top_p < 1)):
+                config.do_sample = True  # OpenAI's temperature > 0 samples; transformers' keeps the model's default
+            if not config.do_sample:  # greedy: sampling settings would only be warned about
+                config.temperature = config.top_p = None
+            return config
+
+    handler = ChatCompletionHandler(model_manager=None, generation_state=stack.utils.GenerationState())
+    created = int(time.time())
+    app = FastAPI()
+    app.state.generation_manager = manager
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: dict):
+        return await handler.handle_request(body, request.headers.get("X-Request-ID") or str(uuid.uuid4()))
+
+    # Coroutines, so that they never wait for a thread of FastAPI's pool.
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": created, "owned_by": "flaminko"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, error: RequestError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(GenerationFailed)
+    async def generation_failed(request, error: GenerationFailed):
+        return JSONResponse(RequestError(500, str(error)).body(), status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):
+        return JSONResponse(RequestError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, error: RequestValidationError):
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return JSONResponse(RequestError(400, message).body(), status_code=400)
+
+    return app
+
+
+def check_model(body: dict, served_name: str, source: str) -> None:
+    requested = body.get("model")
+    if requested is None:
+        raise RequestError(400, f"`model` is required: this server serves `{served_name}`", param="model")
+    if not isinstance(requested, str):
+        raise RequestError(400, f"`model` must be a string, got {requested!r}", param="model")
+    if requested not in (served_name, source):
+        raise RequestError(
+            404, f"The model `{requested}` does not exist: this server serves `{served_name}`", param="model", code="model_not_found"
+        )
+
+
+def check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(400, f"`seed` must be an integer, got {seed!r}", param="seed")
+    return seed
+
+
+def check_settings(body: dict) -> None:
+    """The generation settings of a request, checked once before it is queued."""
+
+    def number(name, low, high, *, low_open=False, integer=False):
+        value = body.get(name)
+        if value is None:
+            return
+        kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        in_range = kind_ok and not isinstance(value, bool) and (value > low if low_open else value >= low) and value <= high
+        if not in_range:
+            bounds = f"{'(' if low_open else '['}{low}, {high}]"
+            raise RequestError(400, f"`{name}` must be {'an integer' if integer else 'a number'} in {bounds}, got {value!r}", param=name)
+
+    number("temperature", 0, 2)
+    number("top_p", 0, 1, low_open=True)
+    number("max_tokens", 1, 1 << 20, integer=True)
+    number("max_completion_tokens", 1, 1 << 20, integer=True)
+    number("frequency_penalty", -2, 2)
+    bias = body.get("logit_bias")
+    if bias is not None and not (
+        isinstance(bias, dict)
+        and all(key.isdigit() and isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100 for key, value in bias.items())
+    ):
+        raise RequestError(400, "`logit_bias` must map token ids to numbers in [-100, 100]", param="logit_bias")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stops, list) and 0 < len(stops) <= 4 and all(isinstance(s, str) and s for s in stops)):
+        raise RequestError(400, f"`stop` must be a non-empty string or a list of 1 to 4 of them, got {stop!r}", param="stop")
+    if body.get("n") not in (None, 1):
+        raise RequestError(400, f"`n` must be 1: this server answers with one choice, got {body['n']!r}", param="n")
+    if body.get("generation_config") is not None:
+        raise RequestError(
+            400,
+            "`generation_config` is not accepted: set temperature, top_p, max_tokens, stop and seed instead",
+            param="generation_config",
+        )
+
+
+def check_messages(messages) -> list[dict]:
+    """The conversation in the processor's shape, each field checked; image parts keep their URL and
+    where they were (`messages[i].content[j]`) until they are loaded."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "`messages` must be a non-empty list of messages", param="messages")
+    conversation = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RequestError(400, f"{where} must be an object with `role` and `content`", param="messages")
+        if message.get("role") not in ROLES:
+            roles = ", ".join(f"'{role}'" for role in ROLES)
+            raise RequestError(400, f"{where}.role must be one of {roles}, got {message.get('role')!r}", param="messages")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise RequestError(400, f"{where}.content must be a string or a list of content parts", param="messages")
+        conversation.append({"role": message["role"], "content": [_part(part, f"{where}.content[{at}]") for at, part in enumerate(content)]})
+    return conversation
+
+
+def _part(part, where: str) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError(400, f"{where}.text must be a string", param="messages")
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        if not isinstance(url, str) or not url:
+            raise RequestError(400, f"{where}.image_url.url must be a non-empty string", param="messages")
+        return {"type": "image", "url": url, "where": where}
+    raise RequestError(400, f"{where} must be an object of type 'text' or 'image_url', got {kind!r}", param="messages")
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", **options) -> None:
+    """Load the model and serve it until interrupted."""
+    import uvicorn
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    app = build_app(model, log_level=log_level, **options)
+    print(f"Serving {options.get('served_model_name') or model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+
+
+class BackgroundServer:
+    """The server in a thread of this process (tests, benchmarks): `with BackgroundServer(app) as url:`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self.server.run, name="flaminko-serve", daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server stopped while starting")
+            time.sleep(0.02)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        return False
