@@ -96,6 +96,10 @@ def _checked_array(image):
         raise TypeError(f"An image array has dtype {array.dtype}: expected integers or floats")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ValueError("An image array contains NaN or infinite values")
+    if array.ndim == 2:
+        # A greyscale image, as a PIL "L" image is: the image processor reads (height, width, 1) as one,
+        # but cannot tell a bare (height, width) from a list of rows.
+        return image[..., None]
     return image
 
 

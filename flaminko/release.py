@@ -189,8 +189,9 @@ def _kept_sections(folder: Path) -> str:
 
 
 def fill_in(folder, repo_id: str, *, base_models: list[str] | None = None, license: str | None = None) -> list[str]:
-    """Add what can be made from the folder itself; returns what was added. Processor files and
-    weights cannot be invented: those problems remain."""
+    """Add what can be made from the folder itself; returns what was added or updated ("added: ...",
+    "updated: ..."), nothing when the folder was ready. Processor files and weights cannot be
+    invented: those problems remain."""
     folder = Path(folder)
     added = []
     rewrite_card = not (folder / "README.md").is_file() or _is_flaminko_card(folder)
@@ -201,31 +202,41 @@ def fill_in(folder, repo_id: str, *, base_models: list[str] | None = None, licen
         if adapter_config.get("base_model_name_or_path") != base:
             adapter_config["base_model_name_or_path"] = base
             config_path.write_text(json.dumps(adapter_config, indent=2) + "\n")
-            added.append(f"base_model_name_or_path {base} in adapter_config.json")
+            added.append(f"added: base_model_name_or_path {base} in adapter_config.json")
         if rewrite_card:
-            adapter_card(folder, repo_id, license=license).save(folder / "README.md")
-            added.append("README.md (adapter card)")
+            added += _save_card(adapter_card(folder, repo_id, license=license), folder, "adapter card")
         return added
     if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         from .modeling_flaminko import FlaminkoForConditionalGeneration
 
         register_auto_classes()
         FlaminkoForConditionalGeneration.from_pretrained(folder).save_pretrained(folder)
-        added.append("safetensors weights (from the .bin files)")
+        added.append("added: safetensors weights (from the .bin files)")
     for name in REMOTE_CODE:
         if not (folder / name).is_file():
             shutil.copyfile(resources.files("flaminko").joinpath(name), folder / name)
-            added.append(name)
+            added.append(f"added: {name}")
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     if not _auto_map_complete(config):
         config["auto_map"] = {**config.get("auto_map", {}), **AUTO_MAP}
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        added.append("auto_map in config.json")
+        added.append("added: auto_map in config.json")
     if rewrite_card:
-        model_card(folder, repo_id, base_models=base_models, license=license).save(folder / "README.md")
-        added.append(f"README.md (model card for {repo_id})")
+        card = model_card(folder, repo_id, base_models=base_models, license=license)
+        added += _save_card(card, folder, f"model card for {repo_id}")
     return added
+
+
+def _save_card(card: ModelCard, folder: Path, kind: str) -> list[str]:
+    """Writes the card unless the folder holds this very card already (a second release of a ready
+    folder changes nothing, and says nothing)."""
+    path = folder / "README.md"
+    existed = path.is_file()
+    if existed and path.read_bytes().decode("utf-8") == str(card):
+        return []
+    card.save(path)
+    return [f"{'updated' if existed else 'added'}: README.md ({kind})"]
 
 
 def _auto_map_complete(config: dict) -> bool:
@@ -308,7 +319,7 @@ def release(
     for name in left_out:
         print(f"base_model: left out {name} (a local path; the Hub accepts only Hub ids: give --base-model ORG/NAME)")
     for note in fill_in(folder, repo_id, base_models=bases, license=license):
-        print(f"added: {note}")
+        print(note)
     remaining = problems(folder)
     if remaining:
         raise ValueError(f"{folder} is not ready for release: " + "; ".join(remaining))

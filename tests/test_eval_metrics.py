@@ -206,3 +206,50 @@ def test_classification_top_k_and_roc_auc():
     assert scores["top-1 accuracy"] == 50.0 and scores["top-5 accuracy"] == 100.0
     assert scores["ROC AUC"] == pytest.approx(100 * roc_auc_score([1, 0, 0, 1], [0.9, 0.6, 0.2, 0.3]))
     assert scores["ROC AUC"] == pytest.approx(75.0)
+
+
+@pytest.mark.parametrize(
+    "generated, stemmed",
+    [
+        ("riding", "ride"),  # OK-VQA's table of manual matches
+        ("surfing Question: what", "surf"),  # a verb in -ing, after the cut at "Question"
+        ("two horses", "two horse"),  # a plural noun
+        ("it's raining", "it 's rain"),  # nltk's word tokens, joined by spaces
+        ("ceiling", "ceiling"),  # not a verb: left as it is
+        ("bus, car", "bus"),  # a singular noun in -s, after the cut at ", "
+    ],
+)
+def test_ok_vqa_predictions_are_stemmed_as_openflamingo_stems_them(generated, stemmed):
+    from flaminko.evaluation.ok_vqa import stem_ok_vqa_answer
+    from flaminko.evaluation.prompts import PROMPT_FORMATS, postprocess
+
+    assert stem_ok_vqa_answer(postprocess("vqa", generated, PROMPT_FORMATS["open_flamingo"])) == stemmed
+
+
+def test_ok_vqa_stemming_follows_openflamingo_rules_given_the_same_word_tools(monkeypatch):
+    """OpenFlamingo's postprocess_ok_vqa_generation itself, its nltk data (not on PyPI) stood in for by
+    the tools Flaminko uses: the manual table, the order of the rules and the joining are OpenFlamingo's."""
+    import nltk
+    from nltk.tokenize import NLTKWordTokenizer
+
+    from flaminko.evaluation import ok_vqa
+    from flaminko.evaluation.prompts import PROMPT_FORMATS, postprocess
+
+    _, lemminflect, _ = ok_vqa.stemming_tools()
+    tokenizer = NLTKWordTokenizer()
+    monkeypatch.setattr(nltk.tokenize, "word_tokenize", tokenizer.tokenize)
+    monkeypatch.setattr(
+        nltk, "pos_tag", lambda words: [(w, "NNS" if ok_vqa._is_plural_noun(w, lemminflect) else "NN") for w in words]
+    )
+    reference = load_open_flamingo_eval("ok_vqa_utils")
+    monkeypatch.setattr(
+        reference.stemmer._wordnet_lemmatizer,
+        "lemmatize",
+        lambda word, pos: next(iter(lemminflect.getLemma(word, upos="VERB", lemmatize_oov=False)), word),
+    )
+    assert ok_vqa.MANUAL_MATCHES == reference._MANUAL_MATCHES
+    answers = [*reference._MANUAL_MATCHES, "two horses riding", "kites and boats", "men's shoes", "he's skiing",
+               "glasses", "the dogs are running Question: why", "red, white", "tennis rackets Answer:"]  # fmt: skip
+    for answer in answers:
+        ours = ok_vqa.stem_ok_vqa_answer(postprocess("vqa", answer, PROMPT_FORMATS["open_flamingo"]))
+        assert ours == reference.postprocess_ok_vqa_generation(answer), answer

@@ -148,6 +148,36 @@ def test_rices_demonstrations_and_vqa(model_folder, data, tmp_path):
     assert list((tmp_path / "cache").glob("rices-*.safetensors"))
 
 
+def test_ok_vqa_predictions_are_stemmed_before_scoring(model_folder, data, tmp_path):
+    from flaminko.evaluation.ok_vqa import stem_ok_vqa_answer
+    from flaminko.evaluation.prompts import PROMPT_FORMATS, postprocess
+
+    # OK-VQA v1.1 annotations: stemmed answers, each with its raw form.
+    annotations = {
+        "annotations": [
+            {"question_id": 100 + n, "image_id": n, "answers": [{"answer": "ride", "raw_answer": "riding"}] * 10}
+            for n in range(6)
+        ]
+    }
+    (tmp_path / "ok_vqa_annotations.json").write_text(json.dumps(annotations))
+    report = evaluate(
+        str(model_folder), task="vqa", data=data["vqa_questions"], annotations=tmp_path / "ok_vqa_annotations.json",
+        image_root=data["root"] / "images", limit=3, num_beams=1, output_dir=tmp_path / "out", progress=False,
+    )  # fmt: skip
+    assert "OK-VQA stemming" in report["answer_stemming"]
+    predictions = (tmp_path / "out" / "predictions-vqa-0shot-trial0.jsonl").read_text()
+    records = [json.loads(line) for line in predictions.splitlines()]
+    template = PROMPT_FORMATS["open_flamingo"]
+    assert [r["prediction"] for r in records] == [
+        stem_ok_vqa_answer(postprocess("vqa", r["generated"], template)) for r in records
+    ]
+    vqav2 = evaluate(
+        str(model_folder), task="vqa", data=data["vqa_questions"], annotations=data["vqa_annotations"],
+        image_root=data["root"] / "images", limit=1, num_beams=1, output_dir=tmp_path / "vqav2", progress=False,
+    )  # fmt: skip
+    assert "answer_stemming" not in vqav2
+
+
 def test_classification_ranks_class_names_with_the_ranking_api(model_folder, data, tmp_path):
     from flaminko.evaluation.runner import load_model
     from flaminko.evaluation.ranking import score_candidates
@@ -177,8 +207,9 @@ def test_an_interrupted_evaluation_resumes_from_its_predictions(model_folder, da
     )
     full = evaluate(str(model_folder), output_dir=tmp_path / "full", **options)
     lines = (tmp_path / "full" / "predictions-captioning-0shot-trial0.jsonl").read_text().splitlines()
-    # An interruption after two samples leaves the first lines of a rank's part file.
+    # An interruption after two samples leaves the record of the run and the first lines of a rank's part file.
     (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "provenance.json").write_text((tmp_path / "full" / "provenance.json").read_text())
     marked = [json.loads(line) for line in lines[:2]]
     for record in marked:
         record["generated"] = "from the first run"
@@ -194,6 +225,73 @@ def test_an_interrupted_evaluation_resumes_from_its_predictions(model_folder, da
     assert [r["prediction"] for r in records] == [json.loads(line)["prediction"] for line in lines]
     assert resumed["metrics"] == full["metrics"]
     assert not list((tmp_path / "resumed").glob("*.rank*.jsonl"))
+
+
+RESUME_OPTIONS = dict(max_new_tokens=3, num_beams=1, batch_size=2, progress=False)
+
+
+def test_a_torn_last_line_is_dropped_with_a_note_and_predicted_again(model_folder, data, tmp_path, capsys):
+    options = dict(task="captioning", data=data["captions_tsv"], **RESUME_OPTIONS)
+    full = evaluate(str(model_folder), output_dir=tmp_path, **options)
+    final = tmp_path / "predictions-captioning-0shot-trial0.jsonl"
+    lines = final.read_bytes().splitlines(keepends=True)
+    # A kill mid-write: two whole lines, then a line cut inside a Hangul character.
+    part = tmp_path / "predictions-captioning-0shot-trial0.rank0.jsonl"
+    torn = lines[2][: lines[2].index("원".encode()) + 1]
+    final.unlink()
+    part.write_bytes(b"".join(lines[:2]) + torn)
+    capsys.readouterr()
+    resumed = evaluate(str(model_folder), output_dir=tmp_path, **options)
+    note = capsys.readouterr().err
+    assert "torn line" in note and str(part) in note
+    assert resumed["metrics"] == full["metrics"] and final.read_bytes() == b"".join(lines)
+
+
+def test_a_damaged_predictions_file_is_named(model_folder, data, tmp_path):
+    options = dict(task="captioning", data=data["captions_tsv"], **RESUME_OPTIONS)
+    evaluate(str(model_folder), output_dir=tmp_path, **options)
+    final = tmp_path / "predictions-captioning-0shot-trial0.jsonl"
+    lines = final.read_text().splitlines(keepends=True)
+    final.write_text(lines[0] + '{"id": "cut\n' + "".join(lines[2:]))
+    with pytest.raises(ValueError, match=re.escape(f"{str(final)!r} line 2 is not a prediction record")):
+        evaluate(str(model_folder), output_dir=tmp_path, **options)
+
+
+def test_predictions_of_another_run_are_never_mixed(model_folder, data, tmp_path, capsys):
+    options = dict(task="captioning", data=data["captions_tsv"], **RESUME_OPTIONS)
+    evaluate(str(model_folder), output_dir=tmp_path, **options)
+    changes = {
+        "decoding: was": dict(options, max_new_tokens=4),
+        "data: was": dict(options, data=data["captions_jsonl"]),
+        "prompt_format: was": dict(options, prompt_format="plain"),
+        "seed: was 42, now 7": dict(options, seed=7),
+        "dtype: was \"float32\", now \"bfloat16\"": dict(options, dtype="bfloat16"),
+        "task: was": dict(options, task="vqa", data=data["vqa_tsv"]),
+    }
+    for message, changed in changes.items():
+        with pytest.raises(ValueError, match="holds predictions of another run") as error:
+            evaluate(str(model_folder), output_dir=tmp_path, **changed)
+        assert message in str(error.value)
+    # The same model folder with its weights saved again, and a data file rewritten in place.
+    copy = data["root"] / "rewritten.tsv"
+    copy.write_text(data["captions_tsv"].read_text())
+    evaluate(str(model_folder), output_dir=tmp_path / "copy", **dict(options, data=copy))
+    copy.write_text(data["captions_tsv"].read_text().replace("그림", "사진"))
+    with pytest.raises(ValueError, match=f"data: {re.escape(repr(str(copy)))} has changed since"):
+        evaluate(str(model_folder), output_dir=tmp_path / "copy", **dict(options, data=copy))
+    weights = model_folder / "model.safetensors"
+    weights.touch()
+    with pytest.raises(ValueError, match=f"model: {re.escape(repr(str(model_folder)))} has changed since"):
+        evaluate(str(model_folder), output_dir=tmp_path, **options)
+    # Predictions without a record (an older Flaminko's) cannot be vouched for; on the command line, one line.
+    (tmp_path / "provenance.json").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(model_folder), "--task", "captioning", "--data", str(data["captions_tsv"]),
+              "--max_new_tokens", "3", "--num_beams", "1", "--out", str(tmp_path)])  # fmt: skip
+    stderr = capsys.readouterr().err
+    error = stderr.splitlines()[-1]  # after the weights' loading bar
+    assert exit_info.value.code == 2 and "Traceback" not in stderr
+    assert error.startswith("flaminko eval: error: ") and "without provenance.json" in error
 
 
 def test_cli_prints_results_and_writes_them(model_folder, data, tmp_path, capsys):

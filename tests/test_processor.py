@@ -44,6 +44,20 @@ def test_image_files_and_odd_modes_are_read(model_and_processor, tmp_path):
     assert rgba["pixel_values"].shape == (1, 1, 3, 32, 32)
 
 
+def test_a_greyscale_array_is_read_as_a_greyscale_image(model_and_processor):
+    import numpy as np
+
+    _, processor = model_and_processor
+    grey = noise_image(6).convert("L")
+    expected = processor(text="<image>", images=[grey])["pixel_values"]
+    pixels = np.array(grey)
+    assert pixels.ndim == 2
+    for image in (pixels, torch.from_numpy(pixels), pixels.astype(np.float32)):
+        assert torch.equal(processor(text="<image>", images=image)["pixel_values"], expected)
+    mixed = processor(text=["<image>", "<image>"], images=[pixels, noise_image(6)])["pixel_values"]
+    assert torch.equal(mixed[0], expected[0]) and not torch.equal(mixed[1], expected[0])
+
+
 def test_decoding_drops_special_tokens_when_asked(model_and_processor):
     _, processor = model_and_processor
     ids = processor(text="<image>빨간색 원<|endofchunk|>", images=[solid("red")])["input_ids"]

@@ -48,6 +48,20 @@ def test_release_fills_in_what_is_missing_and_the_card_parses(model_and_processo
     assert "base_model" not in data and data["license"] == "apache-2.0" and "pip install flaminko" not in card.text
 
 
+def test_a_second_release_of_a_ready_folder_changes_and_adds_nothing(model_and_processor, tmp_path, capsys):
+    model, processor = model_and_processor
+    folder = bare_folder(model, processor, tmp_path / "model")
+    release(folder, "flaminko/tiny-ko")
+    assert "added: README.md (model card for flaminko/tiny-ko)" in capsys.readouterr().out
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    release(folder, "flaminko/tiny-ko")
+    printed = capsys.readouterr().out
+    assert "added:" not in printed and "updated:" not in printed, printed
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()} == before
+    release(folder, "flaminko/tiny-ko-v2")  # another repo id: the card's title and snippets change
+    assert "updated: README.md (model card for flaminko/tiny-ko-v2)" in capsys.readouterr().out
+
+
 def test_folder_that_cannot_be_completed_is_refused(model_and_processor, tmp_path):
     model, processor = model_and_processor
     folder = bare_folder(model, processor, tmp_path / "model")

@@ -3,7 +3,7 @@
 - captioning: {"id", "image", "captions": [...]} from a Karpathy-split JSON (COCO, Flickr30K:
   images with "filename" (and "filepath"), "split", "sentences"[{"raw"}]) or a TSV/CSV/JSONL table
   of image, caption (rows of one image are grouped; a JSONL row may carry a "captions" list).
-- vqa: {"id", "image", "question", "answers": [...]} (+ "layout" for TextVQA and VizWiz) from VQAv2 / OK-VQA questions + annotations
+- vqa: {"id", "image", "question", "answers": [...]} (+ "layout" for OK-VQA, TextVQA and VizWiz) from VQAv2 / OK-VQA questions + annotations
   JSON, TextVQA ({"data": [...]}), VizWiz (a list of {"image", "question", "answers"}) or a table
   with image, question, answers ("|"-separated in TSV/CSV).
 - classification: {"id", "image", "class_name"} (+ "ocr" for Hateful-Memes-style rows with "text")
@@ -145,7 +145,10 @@ def load_vqa(path, annotations=None, image_root=None) -> list[dict]:
     elif "questions" in data:  # VQAv2 / OK-VQA
         if annotations is None:
             raise ValueError(f"{str(path)!r} holds VQAv2-style questions: pass their annotations JSON too")
-        answers = {row["question_id"]: _answers(row["answers"]) for row in _read_json(Path(annotations))["annotations"]}
+        annotated = _read_json(Path(annotations))["annotations"]
+        answers = {row["question_id"]: _answers(row["answers"]) for row in annotated}
+        # OK-VQA v1.1 stems its answers and keeps each one's raw form: predictions are stemmed to match.
+        ok_vqa = any(isinstance(a, dict) and "raw_answer" in a for row in annotated[:1] for a in row["answers"])
         unanswered = [row["question_id"] for row in data["questions"] if row["question_id"] not in answers]
         if unanswered:
             raise ValueError(
@@ -158,6 +161,7 @@ def load_vqa(path, annotations=None, image_root=None) -> list[dict]:
                 "image": _vqa_image(row["image_id"], index, root),
                 "question": row["question"],
                 "answers": answers[row["question_id"]],
+                **({"layout": "ok_vqa"} if ok_vqa else {}),
             }
             for row in data["questions"]
         ]

@@ -9,9 +9,11 @@ torchrun the queries are split between the processes and the predictions gathere
 main process, which scores them and writes `results.json`.
 """
 
+import hashlib
 import json
 import random
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .datasets import TASKS, load_class_names, load_task_data
 from .metrics import captioning_scores, classification_scores, vqa_scores
+from .ok_vqa import STEMMING, stem_ok_vqa_answer, stemming_tools
 from .prompts import (
     DECODING,
     LONG_ANSWER_LAYOUTS,
@@ -36,6 +39,7 @@ from .ranking import score_candidates
 from .rices import RICES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROVENANCE_FILE = "provenance.json"
 
 
 def load_model(model, dtype: str = "auto", device=None):
@@ -53,15 +57,87 @@ def load_model(model, dtype: str = "auto", device=None):
     return model.eval(), processor
 
 
-def _read_records(paths) -> dict:
+def _read_records(paths, *, report: bool) -> dict:
+    """The prediction records of the files, by id. A last line without its newline is a write cut short
+    (a kill mid-write): it is cut off the file, with a note when `report`, and its query predicted again.
+    Any other line that is not a record is damage this run cannot repair: an error naming the file."""
     records = {}
     for path in paths:
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    records[json.dumps(record["id"])] = record
+        if not path.is_file():
+            continue
+        content = path.read_bytes()
+        complete, _, torn = content.rpartition(b"\n")
+        if torn.strip():
+            with path.open("r+b") as handle:
+                handle.truncate(len(content) - len(torn))
+            if report:
+                print(
+                    f"note: {str(path)!r} ended in a torn line (an interrupted write): dropped, its query is predicted again",
+                    file=sys.stderr,
+                )
+        for number, line in enumerate(complete.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records[json.dumps(record["id"])] = record
+            except (ValueError, TypeError, KeyError) as error:
+                raise ValueError(
+                    f"{str(path)!r} line {number} is not a prediction record ({type(error).__name__}: {error}): "
+                    "delete the file to predict its queries again"
+                ) from None
     return records
+
+
+def _file_identity(path) -> dict | None:
+    """A data file by its resolved path and the hash of its contents: the same path rewritten is another file."""
+    if path is None:
+        return None
+    path = Path(path)
+    with path.open("rb") as handle:
+        return {"path": str(path.resolve()), "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+
+
+def _model_identity(model) -> dict:
+    """The model by name and version: a local folder's files by name, size and modification time (weights
+    saved again are another model), a Hub model by the commit it was loaded from."""
+    name = str(getattr(model, "name_or_path", "") or "")
+    folder = Path(name)
+    if name and folder.is_dir():
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
+        return {"path": str(folder.resolve()), "version": hashlib.sha256(json.dumps(stats).encode()).hexdigest()}
+    return {"path": name, "version": getattr(model.config, "_commit_hash", None)}
+
+
+def _difference(name: str, recorded, current) -> str:
+    if isinstance(recorded, dict) and isinstance(current, dict) and "path" in current and recorded.get("path") == current["path"]:
+        return f"{name}: {current['path']!r} has changed since"
+    shown = [value["path"] if isinstance(value, dict) and "path" in value else value for value in (recorded, current)]
+    return f"{name}: was {json.dumps(shown[0], ensure_ascii=False)}, now {json.dumps(shown[1], ensure_ascii=False)}"
+
+
+def _check_provenance(output_dir: Path, provenance: dict):
+    """Predictions already in `output_dir` are resumed only if they came from this very setup (model, data,
+    task, prompt, decoding, demonstrations, seed, dtype); anything else is refused, naming what differs."""
+    existing = sorted(output_dir.glob("predictions-*.jsonl"))
+    if not existing:
+        return
+    record = output_dir / PROVENANCE_FILE
+    advice = "pass another --out, or delete its predictions-*.jsonl to predict again"
+    if not record.is_file():
+        raise ValueError(
+            f"{str(output_dir)!r} holds predictions ({existing[0].name}...) without {PROVENANCE_FILE}, the record of "
+            f"what they came from (written by an older Flaminko?): {advice}"
+        )
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{str(record)!r} is damaged ({error}): {advice}") from None
+    differences = [
+        _difference(name, recorded.get(name), value) for name, value in provenance.items() if recorded.get(name) != value
+    ]
+    if differences:
+        raise ValueError(f"{str(output_dir)!r} holds predictions of another run ({'; '.join(differences)}): {advice}")
 
 
 def _demonstrations(query, support, shots, seed, retrieved):
@@ -102,7 +178,10 @@ def _predict(
     texts = processor.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     records = []
     for query, text in zip(queries, texts):
-        record = {"prediction": postprocess(task, text, prompt_format), "generated": text}
+        prediction = postprocess(task, text, prompt_format)
+        if query.get("layout") == "ok_vqa":
+            prediction = stem_ok_vqa_answer(prediction)
+        record = {"prediction": prediction, "generated": text}
         record["references" if task == "captioning" else "answers"] = query[
             "captions" if task == "captioning" else "answers"
         ]
@@ -174,6 +253,8 @@ def evaluate(
         task, data, annotations=annotations, class_names=class_names, image_root=image_root, split=data_split
     )
     queries = queries[:limit] if limit else queries
+    if queries[0].get("layout") == "ok_vqa":
+        stemming_tools()  # missing, it is said now rather than after the model has answered
     support_set = []
     if support is not None:
         support_set = load_task_data(
@@ -203,14 +284,37 @@ def evaluate(
     )
     if decoding.get("num_beams") == 1:
         decoding.pop("length_penalty", None)  # a beam-search setting: greedy decoding would warn about it
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    provenance = {
+        "task": task,
+        "model": _model_identity(model),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "data": _file_identity(data),
+        "annotations": _file_identity(annotations),
+        "split": data_split,
+        "image_root": str(Path(image_root).resolve()) if image_root else None,
+        "support": _file_identity(support),
+        "support_annotations": _file_identity(support_annotations),
+        "support_split": support_split if support_set and str(support).endswith(".json") else None,
+        "support_image_root": str(Path(support_image_root).resolve()) if support_image_root else None,
+        "class_names": class_names,
+        "prompt_format": prompt_format,
+        "decoding": decoding if task != "classification" else {"length_normalize": length_normalize},
+        "demonstrations": "rices" if rices else "random",
+        "seed": seed,
+    }
+    provenance = json.loads(json.dumps(provenance))  # as it reads back from the file
+    _check_provenance(output_dir, provenance)
+    state.wait_for_everyone()  # every process has checked before the main one writes the record
+    if state.is_main_process:
+        (output_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, ensure_ascii=False, indent=2), encoding="utf-8")
     finder = None
     if rices:
         with state.main_process_first():  # the main process writes the feature cache; the others read it
             finder = RICES(
                 model, processor, support_set, cache_dir=rices_cache, progress=progress and state.is_main_process
             )
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     # RICES: each query's `needed` nearest support samples (most similar last), found once for every
     # shot count and trial; a shot count takes the last (most similar) of them.
@@ -220,7 +324,8 @@ def evaluate(
         for trial in range(trials):
             run = f"{task}-{count}shot-trial{trial}"
             final = output_dir / f"predictions-{run}.jsonl"
-            done = _read_records([final, *sorted(output_dir.glob(f"predictions-{run}.rank*.jsonl"))])
+            parts = sorted(output_dir.glob(f"predictions-{run}.rank*.jsonl"))
+            done = _read_records([final, *parts], report=state.is_main_process)
             state.wait_for_everyone()  # every process reads the same finished set before any appends
             pending = [q for q in queries if json.dumps(q["id"]) not in done]
             new = []
@@ -255,7 +360,9 @@ def evaluate(
             if state.is_main_process:
                 merged = {**done, **{json.dumps(r["id"]): r for r in gathered}}
                 ordered = [merged[json.dumps(q["id"])] for q in queries]
-                final.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
+                staged = final.with_suffix(".jsonl.tmp")  # replaced in one step: a kill leaves the old file or the new
+                staged.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
+                staged.replace(final)
                 for leftover in output_dir.glob(f"predictions-{run}.rank*.jsonl"):
                     leftover.unlink()
                 results.setdefault(count, []).append(_score(task, ordered, class_names, caption_tokenizer))
@@ -290,7 +397,8 @@ def evaluate(
         if support_set
         else "no demonstrations",
         "prompt_format": prompt_format,
-        "decoding": decoding if task != "classification" else {"length_normalize": length_normalize},
+        "decoding": provenance["decoding"],
+        **({"answer_stemming": STEMMING} if queries[0].get("layout") == "ok_vqa" else {}),
         "metrics": summary,
         "processes": state.num_processes,
         "dtype": str(model.dtype).removeprefix("torch."),
