@@ -27,7 +27,6 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessorPil,
     CLIPVisionModel,
     GenerationMixin,
     PreTrainedModel,
@@ -777,11 +776,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
         tokenizer.padding_side = "left"
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
-        except ImportError:
-            # Without torchvision, transformers before 5.23 does not fall back to the PIL processor itself.
-            image_processor = CLIPImageProcessorPil.from_pretrained(vision_model_name_or_path)
+        image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
         processor = FlaminkoProcessor(image_processor=image_processor, tokenizer=tokenizer)
         config = FlaminkoConfig(
             vision_config=vision_model.config,
@@ -924,9 +919,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             vision_outputs = self.vision_model(pixel_values=flat, return_dict=True, **kwargs)
             patches = vision_outputs.last_hidden_state
             if self.config.vision_feature_post_layernorm:
-                # CLIPVisionModel nests its parts under .vision_model before transformers 5.23.
-                tower = getattr(self.vision_model, "vision_model", self.vision_model)
-                patches = tower.post_layernorm(patches)
+                patches = self.vision_model.post_layernorm(patches)
             if not self.config.vision_feature_include_cls:
                 patches = patches[:, 1:]
         patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
