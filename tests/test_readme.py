@@ -11,7 +11,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 KOREAN, ENGLISH = README.split('<a name="english"></a>\n## English')
 # Pages another change writes (from the README's old sections); checked as soon as they exist.
 PENDING = {"docs/serving.md", "docs/evaluation.md", "docs/conversion.md", "docs/demo.md"}
-BILINGUAL = ("performance", "conventions", "training", "quantization", "release", "inference", "serving")
+BILINGUAL = ("performance", "conventions", "training", "quantization", "release", "inference", "serving", "evaluation")
 
 
 def test_the_two_commands_come_first():
