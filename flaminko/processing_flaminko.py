@@ -421,6 +421,11 @@ class FlaminkoProcessor(ProcessorMixin):
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
+        # A call's truncation stays set on the fast tokenizer's backend (the training collator truncates),
+        # and saved it would come back as the tokenizer's max_length default, merged into every later call.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_truncation()
         saved = super().save_pretrained(save_directory, **kwargs)
         # Saving with remote code leaves its auto_map on the processor; it belongs to the saved folder,
         # so that to_dict reads the same before and after a save and load.

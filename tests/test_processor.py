@@ -1,9 +1,12 @@
 """FlaminkoProcessor: special tokens, image/placeholder matching, padding, decoding, chat template."""
 
+import warnings
+
 import torch
 from transformers import AutoProcessor
 
 from conftest import noise_image, solid
+from flaminko import FlaminkoProcessor
 
 
 def test_special_tokens_are_added_in_openflamingo_order(model_and_processor):
@@ -86,3 +89,14 @@ def test_processor_round_trip(model_and_processor, tmp_path):
     a, b = processor(text=text, images=images), loaded(text=text, images=images)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert loaded.chat_template == processor.chat_template
+
+
+def test_a_calls_truncation_is_not_saved_as_the_tokenizers_default(model_and_processor, tmp_path):
+    _, processor = model_and_processor
+    processor(text=["<image>빨간색 원", "<image>파란색"], images=[[solid("red")], [solid("blue")]], truncation=True, max_length=8)
+    processor.save_pretrained(tmp_path)
+    reloaded = FlaminkoProcessor.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = reloaded(text=["<image>" + " 빨간색 원" * 10, "<image>"], images=[[solid("red")], [solid("blue")]])
+    assert batch["input_ids"].shape[1] > 8
