@@ -1,13 +1,14 @@
 """Peak memory of `flaminko convert open-flamingo`, against the bytes of the converted weights.
 
-    python benchmarks/convert_memory.py --shape 9b --layers 4 --dtype bfloat16 --work /tmp/convert-9b-4
+    python benchmarks/convert_memory.py --shape 9b --layers 32 --dtype bfloat16 --work /tmp/convert-9b
     python benchmarks/convert_memory.py --shape openflaminko --layers 24 --work /tmp/convert-ko
 
 Shapes: `openflaminko` = CLIP ViT-L/14 + Polyglot-Ko-1.3B widths (GPT-NeoX), a block before every
 layer; `9b` = CLIP ViT-L/14 + MPT-7B widths (MPT, 4096 wide, vocabulary 50432, the LM stored in
 bfloat16 as mpt-7b is), a block before every 4th layer, as OpenFlamingo-9B. `--layers` scales the
 LM's depth (full: 24 and 32) so that a machine smaller than the full conversion needs can measure
-two depths and extrapolate: the peak grows linearly with the layers.
+two depths and extrapolate: the peak grows linearly with the layers. The full 9B shape needs about
+16 GB of memory to build its inputs and 35 GB of disk.
 
 Builds random backbones of those shapes (nothing is downloaded), a tokenizer as long as the
 checkpoint's embedding, and a flat OpenFlamingo checkpoint.pt with the documented keys, then runs
