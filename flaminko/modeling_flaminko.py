@@ -15,6 +15,7 @@ import copy
 import os
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -553,6 +554,59 @@ def is_open_flamingo_state_dict(state_dict) -> bool:
     return any(strip_wrapper_prefixes(key).startswith("lang_encoder.") for key in state_dict)
 
 
+# Persistent buffers of transformers 4.x models that transformers 5 recomputes instead of loading:
+# GPT-NeoX's causal mask and masked bias, rotary inverse frequencies (GPT-NeoX, LLaMA), CLIP's position ids.
+RECOMPUTED_BUFFER = re.compile(r"(?:^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids)$")
+GPT_NEOX_MASKED_BIAS = -1e9
+
+
+def _recomputed_value(kind: str, model) -> torch.Tensor | None:
+    """What transformers 5 computes for a buffer of this kind in `model` (None: nothing to compare with)."""
+    if kind == "attention.bias":
+        positions = model.config.text_config.max_position_embeddings
+        return torch.tril(torch.ones(positions, positions, dtype=torch.bool)).view(1, 1, positions, positions)
+    if kind == "attention.masked_bias":
+        return torch.tensor(GPT_NEOX_MASKED_BIAS)
+    if kind == "rotary_emb.inv_freq":
+        found = [buffer for name, buffer in model.language_model.named_buffers() if name.endswith("rotary_emb.inv_freq")]
+        return found[0] if found else None
+    vision = model.config.vision_config
+    return torch.arange((vision.image_size // vision.patch_size) ** 2 + 1).expand(1, -1)
+
+
+def _same(saved: torch.Tensor, expected: torch.Tensor) -> bool:
+    if saved.shape != expected.shape:
+        return False
+    if saved.is_floating_point():
+        # Within rounding of the coarser of the two (a model converted to bfloat16 holds its buffers so).
+        tolerance = max(torch.finfo(saved.dtype).eps, torch.finfo(expected.dtype).eps) * 4
+        return torch.allclose(saved.float(), expected.float(), rtol=tolerance, atol=0)
+    return torch.equal(saved, expected.to(saved.dtype))
+
+
+def drop_recomputed_buffers(checkpoint: dict, model) -> tuple[dict, list[str]]:
+    """(checkpoint without the transformers 4.x buffers transformers 5 recomputes, a line per left-out
+    key pattern with its count). Raises ValueError naming the buffers whose values differ from what
+    the model computes: such a checkpoint was trained with something this model does not do."""
+    kept, left_out, differing = {}, [], []
+    for key, tensor in checkpoint.items():
+        match = RECOMPUTED_BUFFER.search(key)
+        if match is None:
+            kept[key] = tensor
+            continue
+        expected = _recomputed_value(match.group(1), model)
+        if expected is None or not _same(tensor, expected):
+            differing.append(key)
+        left_out.append(key)
+    if differing:
+        raise ValueError(
+            f"These checkpoint buffers differ from what the model computes, so they cannot be left out ({len(differing)}): "
+            f"{sorted(differing)}"
+        )
+    patterns = Counter(re.sub(r"\.\d+\.", ".*.", key) for key in left_out)
+    return kept, [f"{pattern} ({count} key{'s' if count > 1 else ''})" for pattern, count in sorted(patterns.items())]
+
+
 def place_open_flamingo_checkpoint(
     model, checkpoint: dict, *, original_vocab_size: int, init_missing_token_rows: bool = False
 ) -> tuple[int, list[str]]:
@@ -841,8 +895,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes OpenFlamingo's checkpoint layout (`lang_encoder.*`, `perceiver.layers.i.0.*`),
         so OpenFlamingo code that loads a checkpoint.pt into the model runs unchanged. Such a state
-        dict is placed key by key; a key with no place or a weight it leaves unfilled is an error."""
+        dict is placed key by key; a key with no place or a weight it leaves unfilled is an error.
+        The buffers a transformers 4.x checkpoint carries are checked against what the model
+        computes and left out, as `flaminko convert` does."""
         if is_open_flamingo_state_dict(state_dict):
+            state_dict, _ = drop_recomputed_buffers(state_dict, self)
             # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
             place_open_flamingo_checkpoint(
                 self, state_dict, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True

@@ -19,7 +19,7 @@ from flaminko import FlaminkoForConditionalGeneration, tiny  # noqa: E402
 from flaminko.cli import PRESET_NAMES, main  # noqa: E402
 from flaminko.conversion import convert_open_flamingo  # noqa: E402
 from flaminko.conversion.mosaic_gpt import mpt_config_from_mosaic_gpt  # noqa: E402
-from flaminko.conversion.open_flamingo import drop_recomputed_buffers  # noqa: E402
+from flaminko.modeling_flaminko import drop_recomputed_buffers  # noqa: E402
 from flaminko.conversion.presets import PRESETS  # noqa: E402
 from flaminko.release import model_card  # noqa: E402
 
@@ -362,6 +362,30 @@ def test_buffers_transformers_5_recomputes_are_checked_and_left_out(backbones):
     buffers["lang_encoder.gpt_neox.layers.0.decoder_layer.attention.masked_bias"] = torch.tensor(-1e4)
     with pytest.raises(ValueError, match=r"differ from what the model computes.*\(2\).*layers\.0\.decoder_layer\.attention\.masked_bias.*layers\.2\.decoder_layer\.attention\.rotary_emb\.inv_freq"):
         drop_recomputed_buffers(buffers, model)
+
+
+def test_openflaminkos_own_loading_line_takes_a_checkpoint_with_4x_buffers(backbones, tmp_path):
+    """create_model_and_transforms, then load_state_dict(torch.load(ckpt), strict=False), with the
+    buffers a transformers <= 4.35 checkpoint carries: checked, left out, the same model as `convert`."""
+    from flaminko import create_model_and_transforms
+
+    reference = trained_reference(backbones, "gpt_neox", 1, seed=12)
+    state = release_state(reference, "OpenFlaminKO")
+    assert sum(key.endswith("rotary_emb.inv_freq") for key in state) == 4
+    torch.save(state, tmp_path / "checkpoint.pt")
+    convert_open_flamingo(tmp_path / "checkpoint.pt", backbones["vision"], backbones["gpt_neox"], tmp_path / "converted")
+    model, _, tokenizer = create_model_and_transforms(
+        str(backbones["vision"]), "openai", str(backbones["gpt_neox"]), str(backbones["gpt_neox"]), cross_attn_every_n_layers=1
+    )
+    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt"), strict=False)
+    converted = FlaminkoForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
+    inputs = {"input_ids": tokenizer(["<image>해당 이미지는"], return_tensors="pt")["input_ids"], "pixel_values": torch.randn(1, 1, 3, 32, 32)}
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**inputs).logits, converted(**inputs).logits)
+
+    state["lang_encoder.gpt_neox.layers.1.decoder_layer.attention.rotary_emb.inv_freq"] *= 2
+    with pytest.raises(ValueError, match=r"differ from what the model computes.*layers\.1\.decoder_layer\.attention\.rotary_emb\.inv_freq"):
+        model.load_state_dict(state, strict=False)
 
 
 @pytest.mark.parametrize(
