@@ -258,18 +258,38 @@ def mask_interleaved_labels(labels: torch.Tensor, input_ids: torch.Tensor, media
     labels[(last_media < 0) | (previous_eoc > last_media)] = -100
 
 
+def replace_words_at_random(input_ids: torch.Tensor, words: torch.Tensor, probability: float) -> torch.Tensor:
+    """Input ids where each word token (`words`: a mask) is, with the given probability, replaced by
+    a word token drawn from the whole batch, so that the LM reads a random word in its place: word
+    dropout with the batch's own words. Uses torch's global generator (the Trainer seeds it)."""
+    candidates = input_ids[words]
+    if probability == 0 or candidates.numel() == 0:
+        return input_ids
+    replace = words & (torch.rand(input_ids.shape) < probability)
+    noisy = input_ids.clone()
+    noisy[replace] = candidates[torch.randint(candidates.numel(), (int(replace.sum()),))]
+    return noisy
+
+
 class FlaminkoCollator:
     """Pads a list of samples into model inputs, right-padded, with labels: -100 on padding and on
     <image> tokens, and for interleaved documents OpenFlamingo's between-chunk mask too.
+
+    `word_noise` > 0 replaces that share of the text tokens the LM reads (not <image>,
+    <|endofchunk|>, EOS or padding) with random text tokens of the batch, the labels keeping the
+    true ones: the LM cannot predict a word from the words before it alone, and leans on the image.
 
     The Trainer must pass the raw samples: use remove_unused_columns=False (the samples' `text`
     and `images` are not arguments of the model's forward).
     """
 
-    def __init__(self, processor, *, max_length: int = 32, interleaved: bool = False):
+    def __init__(self, processor, *, max_length: int = 32, interleaved: bool = False, word_noise: float = 0.0):
+        if not 0 <= word_noise <= 1:
+            raise ValueError(f"word_noise is a probability, between 0 and 1; got {word_noise}")
         self.processor = processor
         self.max_length = max_length
         self.interleaved = interleaved
+        self.word_noise = word_noise
         self.skipped = Counter()
 
     def __call__(self, samples):
@@ -306,4 +326,9 @@ class FlaminkoCollator:
         labels[batch["attention_mask"] == 0] = -100
         labels[input_ids == self.processor.image_token_id] = -100
         batch["labels"] = labels
+        if self.word_noise:
+            tokenizer = self.processor.tokenizer
+            special = [self.processor.image_token_id, self.processor.end_of_chunk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id]
+            words = batch["attention_mask"].bool() & ~torch.isin(input_ids, torch.tensor([i for i in special if i is not None]))
+            batch["input_ids"] = replace_words_at_random(input_ids, words, self.word_noise)
         return batch

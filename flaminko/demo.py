@@ -4,9 +4,10 @@ Synthetic images of coloured shapes (varied backgrounds, shades, sizes and posit
 captions such as "빨간색 원"; one shape per colour is held out of training. The recipe is
 Flamingo's, in miniature: a vision tower is pretrained first (standing in for CLIP, which cannot be
 downloaded here), then frozen, and a small Flaminko with a tokenizer trained on the captions is
-fine-tuned with the Trainer, saved, reloaded through AutoModelForImageTextToText / AutoProcessor,
-and asked to caption new images, the held-out combinations among them. Prints the exact-match
-accuracy and writes a contact sheet.
+fine-tuned with the Trainer (with word noise, so that the LM leans on the image rather than on
+which shapes followed a colour word in training), saved, reloaded through
+AutoModelForImageTextToText / AutoProcessor, and asked to caption new images, the held-out
+combinations among them. Prints the exact-match accuracy and writes a contact sheet.
 """
 
 import csv
@@ -52,6 +53,11 @@ HELD_OUT = {(colour, SHAPES[(index + 2) % len(SHAPES)]) for index, colour in enu
 IMAGE_SIZE = 32
 DEMO_STEPS = 1500  # Flaminko training steps; the vision tower's pretraining takes twice as many
 SHADE_JITTER = 20
+# Half the words the LM reads during fine-tuning are swapped for other words of the batch (labels
+# unchanged). Without it the LM learns that a colour word is never followed by the shape held out
+# for that colour, and names a seen shape instead; whether the image outweighs that prior then hangs
+# on the order of floating-point sums (80% on unseen combinations at seed 0 on one machine, 94% on another).
+WORD_NOISE = 0.5
 OUTLINE = (20, 20, 20)
 # The LM is trained from scratch here, so it is not frozen; the pretrained vision tower is, as in
 # Flamingo. A small resampler and cross-attention.
@@ -225,11 +231,11 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
     vision, language = save_backbones(out / "backbones", [row["caption"] for row in splits["train.tsv"]])
     print(f"3/6 pretraining the vision tower to name colours and shapes, {2 * steps} steps")
     pretrain_vision(vision, splits["train.tsv"], out / "data", out / "vision-pretraining", 2 * steps, seed)
-    print(f"4/6 fine-tuning Flaminko (vision tower frozen) with the Trainer for {steps} steps")
+    print(f"4/6 fine-tuning Flaminko (vision tower frozen, word noise {WORD_NOISE}) with the Trainer for {steps} steps")
     model_args = ModelArguments(
         vision_model=str(vision), language_model=str(language), config_overrides=json.dumps(DEMO_CONFIG)
     )
-    data_args = DataArguments(train_data=str(out / "data" / "train.tsv"))
+    data_args = DataArguments(train_data=str(out / "data" / "train.tsv"), word_noise=WORD_NOISE)
     _, final = train(model_args, data_args, training_arguments(out / "run", steps, seed))
     print(f"5/6 saved to {final}; reloading through AutoModelForImageTextToText and AutoProcessor")
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
@@ -264,6 +270,7 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
         "seconds": seconds,
         "steps": steps,
         "seed": seed,
+        "word_noise": WORD_NOISE,
     }
     results.update(report_through_harness(model, processor, out))
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))

@@ -63,6 +63,10 @@ class DataArguments:
     max_length: int | None = field(default=None, metadata={"help": "tokens per sample (default 32, interleaved 256)"})
     max_images: int = field(default=6, metadata={"help": "images per interleaved document"})
     hangul_only: bool = field(default=False, metadata={"help": "drop captions without Hangul (OpenFlaminKO)"})
+    word_noise: float = field(
+        default=0.0,
+        metadata={"help": "replace this share of the words the LM reads by random words of the batch (labels unchanged), so it leans on the image"},
+    )
 
 
 class TrainerArguments(TrainingArguments):
@@ -289,6 +293,8 @@ def check_data_paths(args: DataArguments):
         raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
     if args.eval_data and args.eval_fraction:
         raise ValueError("Give --eval_data or --eval_fraction, not both")
+    if not 0 <= args.word_noise <= 1:
+        raise ValueError(f"--word_noise must be in [0, 1], got {args.word_noise}")
     _check_data_path(args.train_data, "--train_data", args.data_format)
     if args.eval_data:
         _check_data_path(args.eval_data, "--eval_data", args.data_format)
@@ -348,7 +354,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model = wrap_with_lora(model, model_args)
     interleaved = data_args.data_format == "interleaved"
     collator = FlaminkoCollator(
-        processor, max_length=data_args.max_length or (256 if interleaved else 32), interleaved=interleaved
+        processor,
+        max_length=data_args.max_length or (256 if interleaved else 32),
+        interleaved=interleaved,
+        word_noise=data_args.word_noise,
     )
     trainer = FlaminkoTrainer(
         model=model,

@@ -170,6 +170,7 @@ def test_unreachable_hub_is_one_line_naming_offline_mode(images, tmp_path):
         ("every row skipped", ["no usable rows", "missing image file"]),
         ("unknown format", ["--data_format must be one of"]),
         ("bad fraction", ["--eval_fraction must be in [0, 1)"]),
+        ("bad word noise", ["--word_noise must be in [0, 1]"]),
         ("bad overrides", ["--config_overrides is not valid JSON"]),
         ("bf16 without a GPU", ["--bf16", "--use_cpu"]),
         ("fp16 on the CPU", ["--fp16 needs a GPU"]),
@@ -191,6 +192,8 @@ def test_train_checks_before_it_builds_or_writes(backbones, images, tmp_path, ca
         extra = ["--data_format", "parquet"]
     elif case == "bad fraction":
         extra = ["--eval_fraction", "1.5"]
+    elif case == "bad word noise":
+        extra = ["--word_noise", "-0.1"]
     elif case == "bad overrides":
         extra = ["--config_overrides", "{freeze"]
     elif case == "bf16 without a GPU":

@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import pytest
+import torch
 
 from conftest import noise_image, solid
 from flaminko.data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
@@ -60,6 +61,26 @@ def test_pair_labels_mask_padding_and_image_tokens(model_and_processor, images):
     real = batch["attention_mask"][0].bool()
     assert ids[0, real][-1] == eos and labels[0, real][-1] == eos  # <|endofchunk|> then EOS, both learned
     assert batch["pixel_values"].shape == (2, 1, 3, 32, 32)
+
+
+def test_word_noise_replaces_the_words_the_lm_reads_and_keeps_the_labels(model_and_processor, images):
+    _, processor = model_and_processor
+    samples = [{"text": f"<image>{caption}<|endofchunk|>", "images": [str(images / f"{i}.png")]}
+               for i, caption in enumerate(["빨간색 원", "파란색 네모 하나", "노란색 세모", "초록색"])]
+    torch.manual_seed(0)
+    clean = FlaminkoCollator(processor)(samples)
+    noisy = FlaminkoCollator(processor, word_noise=1.0)(samples)
+    ids, labels, mask = noisy["input_ids"], noisy["labels"], noisy["attention_mask"].bool()
+    assert torch.equal(labels, clean["labels"])
+    tokenizer = processor.tokenizer
+    special = torch.isin(clean["input_ids"], torch.tensor([processor.image_token_id, processor.end_of_chunk_token_id, tokenizer.eos_token_id]))
+    words = mask & ~special
+    assert torch.equal(ids[~words], clean["input_ids"][~words])  # <image>, <|endofchunk|>, EOS and padding as they were
+    assert set(ids[words].tolist()) <= set(clean["input_ids"][words].tolist())  # drawn from the batch's own words
+    assert not torch.equal(ids[words], clean["input_ids"][words])
+    assert torch.equal(FlaminkoCollator(processor, word_noise=0.0)(samples)["input_ids"], clean["input_ids"])
+    with pytest.raises(ValueError, match="word_noise is a probability"):
+        FlaminkoCollator(processor, word_noise=1.5)
 
 
 def test_collator_explains_removed_columns(model_and_processor):
