@@ -16,6 +16,8 @@ class Release:
     checkpoint_repo: str | None  # None: no checkpoint was released; the user brings theirs
     language_model: str | None  # None: the user brings the LM (LLaMA-7B's licence forbids redistribution)
     cross_attn_every_n_layers: int
+    # The converted repo carries the LM's weights, so it takes the LM's licence. The release cards
+    # name none (their front matter: language and datasets only); OpenFlamingo's own code is MIT.
     license: str
     # OpenFlamingo's checkpoints save no LLaMA lm_head, so its rows for the added tokens are missing.
     init_missing_token_rows: bool = False
@@ -27,17 +29,17 @@ class Release:
 
 
 PRESETS = {
-    "OpenFlamingo-3B-vitl-mpt1b": Release("openflamingo/OpenFlamingo-3B-vitl-mpt1b", "anas-awadalla/mpt-1b-redpajama-200b", 1, "mit"),
+    "OpenFlamingo-3B-vitl-mpt1b": Release("openflamingo/OpenFlamingo-3B-vitl-mpt1b", "anas-awadalla/mpt-1b-redpajama-200b", 1, "apache-2.0"),
     "OpenFlamingo-3B-vitl-mpt1b-langinstruct": Release(
-        "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1, "mit"
+        "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1, "cc-by-sa-3.0"
     ),
     "OpenFlamingo-4B-vitl-rpj3b": Release(
-        "openflamingo/OpenFlamingo-4B-vitl-rpj3b", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, "mit"
+        "openflamingo/OpenFlamingo-4B-vitl-rpj3b", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, "apache-2.0"
     ),
     "OpenFlamingo-4B-vitl-rpj3b-langinstruct": Release(
-        "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct", "togethercomputer/RedPajama-INCITE-Instruct-3B-v1", 2, "mit"
+        "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct", "togethercomputer/RedPajama-INCITE-Instruct-3B-v1", 2, "apache-2.0"
     ),
-    "OpenFlamingo-9B-vitl-mpt7b": Release("openflamingo/OpenFlamingo-9B-vitl-mpt7b", "anas-awadalla/mpt-7b", 4, "mit"),
+    "OpenFlamingo-9B-vitl-mpt7b": Release("openflamingo/OpenFlamingo-9B-vitl-mpt7b", "anas-awadalla/mpt-7b", 4, "apache-2.0"),
     "OpenFlamingo-9B-deprecated": Release("openflamingo/OpenFlamingo-9B-deprecated", None, 4, "other", init_missing_token_rows=True),
     "OpenFlaminKO": Release(None, "EleutherAI/polyglot-ko-1.3b", 1, "apache-2.0"),
 }
