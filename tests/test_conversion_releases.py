@@ -26,15 +26,17 @@ from flaminko.release import model_card  # noqa: E402
 # MosaicGPT as mosaicml/examples v0.0.4 lays it out (examples/llm/src/models/mosaic_gpt and
 # layers/{attention,gpt_blocks}.py): the same module names, QK LayerNorm over the full width on
 # Wqkv's query and key thirds, ALiBi from its own alibi_bias, biases removed under no_bias, logits
-# from the tied wte. Written for transformers 5's Cache objects (v0.0.4 kept tuples).
+# from the tied wte. And as its code meets transformers 5, being written for 4.x: a PreTrainedModel
+# without GenerationMixin that never calls post_init(); past_key_values in, out and in its own
+# prepare_inputs_for_generation and _reorder_cache, a list of one (key, value) tuple per block, each
+# (batch, seq, d_model); the padding mask applied as ~attention_mask (a bool mask only); no labels.
 MOSAIC_GPT_CODE = '''
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
@@ -58,9 +60,9 @@ def alibi_bias(n_heads, seq_len, alibi_bias_max=8):
 
 
 class MultiheadAttention(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config):
         super().__init__()
-        self.n_heads, self.clip_qkv, self.attn_qk_ln, self.layer_idx = config.n_heads, config.attn_clip_qkv, config.attn_qk_ln, layer_idx
+        self.n_heads, self.clip_qkv, self.attn_qk_ln = config.n_heads, config.attn_clip_qkv, config.attn_qk_ln
         self.softmax_scale = config.softmax_scale or 1 / math.sqrt(config.d_model / config.n_heads)
         self.Wqkv = nn.Linear(config.d_model, 3 * config.d_model)
         if config.attn_qk_ln:
@@ -68,24 +70,25 @@ class MultiheadAttention(nn.Module):
             self.k_ln = nn.LayerNorm(config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x, attn_bias, cache):
+    def forward(self, x, attn_bias, past_key_value):
         qkv = self.Wqkv(x)
         if self.clip_qkv:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         query, key, value = qkv.chunk(3, dim=2)
         if self.attn_qk_ln:
             query, key = self.q_ln(query).to(query.dtype), self.k_ln(key).to(key.dtype)
+        if past_key_value is not None:  # () at the first step, then the (key, value) so far
+            if past_key_value:
+                key, value = torch.cat([past_key_value[0], key], dim=1), torch.cat([past_key_value[1], value], dim=1)
+            past_key_value = (key, value)
         b, s_q, d = query.shape
+        s_k = key.shape[1]
         heads = lambda t: t.view(b, t.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)
-        query, key, value = heads(query), heads(key), heads(value)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        s_k = key.shape[2]
-        weight = query.matmul(key.transpose(-1, -2)) * self.softmax_scale + attn_bias[:, :, :, -s_k:]
+        weight = heads(query).matmul(heads(key).transpose(-1, -2)) * self.softmax_scale + attn_bias[:, :, -s_q:, -s_k:]
         causal = ~torch.ones(s_k, s_k, dtype=torch.bool, device=x.device).tril()[-s_q:, -s_k:]
         weight = weight.masked_fill(causal.view(1, 1, s_q, s_k), torch.finfo(weight.dtype).min)
-        out = torch.softmax(weight, dim=-1).matmul(value).transpose(1, 2).reshape(b, s_q, d)
-        return self.out_proj(out)
+        out = torch.softmax(weight, dim=-1).matmul(heads(value)).transpose(1, 2).reshape(b, s_q, d)
+        return self.out_proj(out), past_key_value
 
 
 class GPTMLP(nn.Module):
@@ -100,53 +103,60 @@ class GPTMLP(nn.Module):
 
 
 class GPTBlock(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.d_model)
-        self.attn = MultiheadAttention(config, layer_idx)
+        self.attn = MultiheadAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model)
         self.mlp = GPTMLP(config)
 
-    def forward(self, x, attn_bias=None, cache=None, attention_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_bias, cache)
-        return x + self.mlp(self.ln_2(x)), cache
+    def forward(self, x, past_key_value=None, attn_bias=None, attention_mask=None, is_causal=True):
+        attended, past_key_value = self.attn(self.ln_1(x), attn_bias, past_key_value)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), past_key_value
 
 
-class MosaicGPT(PreTrainedModel, GenerationMixin):
-    config: MosaicGPTConfig
+class MosaicGPT(PreTrainedModel):
     config_class = MosaicGPTConfig
     base_model_prefix = "mosaic_gpt"
 
     def __init__(self, config):
         super().__init__(config)
         self.transformer = nn.ModuleDict({"wte": nn.Embedding(config.vocab_size, config.d_model)})
-        self.transformer.update({"blocks": nn.ModuleList([GPTBlock(config, i) for i in range(config.n_layers)])})
+        self.transformer.update({"blocks": nn.ModuleList([GPTBlock(config) for _ in range(config.n_layers)])})
         self.transformer.update({"ln_f": nn.LayerNorm(config.d_model)})
         if config.no_bias:
             for module in self.modules():
                 if isinstance(getattr(module, "bias", None), nn.Parameter):
                     module.register_parameter("bias", None)
-        self.post_init()
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-
-    def forward(self, input_ids, attention_mask=None, cache=None, past_key_values=None, use_cache=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
-        if use_cache and cache is None:
-            cache = DynamicCache()
+    def forward(self, input_ids, past_key_values=None, attention_mask=None, prefix_mask=None, sequence_id=None,
+                return_dict=None, output_attentions=None, output_hidden_states=None, use_cache=None):
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
         x = self.transformer.wte(input_ids)
-        past = cache.get_seq_length() if cache is not None else 0
-        s_k = past + input_ids.shape[1]
-        attn_bias = alibi_bias(self.config.n_heads, self.config.max_seq_len, self.config.alibi_bias_max).to(x.dtype)[..., -s_k:]
+        attn_bias = alibi_bias(self.config.n_heads, self.config.max_seq_len, self.config.alibi_bias_max).to(x.dtype)
         if attention_mask is not None:
-            attn_bias = attn_bias.masked_fill(~attention_mask.bool().view(-1, 1, 1, s_k), torch.finfo(x.dtype).min)
-        for block in self.transformer.blocks:
-            x, _ = block(x, attn_bias=attn_bias, cache=cache)
+            s_k = attention_mask.shape[-1]
+            attn_bias = attn_bias[..., -s_k:].masked_fill(~attention_mask.view(-1, 1, 1, s_k), torch.finfo(x.dtype).min)
+        if use_cache and past_key_values is None:
+            past_key_values = [() for _ in self.transformer.blocks]
+        for index, block in enumerate(self.transformer.blocks):
+            past = past_key_values[index] if past_key_values is not None else None
+            x, past = block(x, past_key_value=past, attn_bias=attn_bias)
+            if past_key_values is not None:
+                past_key_values[index] = past
         logits = F.linear(self.transformer.ln_f(x), self.transformer.wte.weight)
-        cache_name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        return CausalLMOutputWithPast(logits=logits, **{cache_name: cache if use_cache else None})
+        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, **kwargs):
+        if past_key_values is not None:
+            input_ids = input_ids[:, -1:]
+        return {"input_ids": input_ids, "attention_mask": kwargs["attention_mask"].bool(),
+                "past_key_values": past_key_values, "use_cache": kwargs.get("use_cache", True)}
+
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        return [tuple(tensor.index_select(0, beam_idx) for tensor in layer) for layer in past_key_values]
 '''
 
 # mpt-1b-redpajama-200b's config.json, at a tiny width.
@@ -431,6 +441,43 @@ def test_a_mosaic_gpt_folder_is_read_without_running_its_code(backbones, release
     assert model.language_model.transformer.blocks[0].attn.q_ln.weight.dtype == torch.bfloat16
     norms = torch.load(release_language_models["mosaic_gpt"] / "pytorch_model.bin")
     assert torch.equal(model.language_model.transformer.blocks[3].attn.k_ln.weight.float(), norms["transformer.blocks.3.attn.k_ln.weight"].bfloat16().float())
+
+
+def test_open_flamingos_mosaic_gpt_generates_through_its_own_tuple_cache(backbones, release_language_models, monkeypatch):
+    """The reference runs MosaicGPT's own code as transformers 4.x did: with its config's use_cache=False
+    every step recomputes the whole sequence; with use_cache=True its list of (key, value) tuples goes
+    from step to step (one new token each) and its own _reorder_cache reorders it under beam search.
+    Both give the same tokens."""
+    from flaminko.conversion.reference import build_open_flamingo, probe_inputs
+
+    model, tokenizer = build_open_flamingo(backbones["vision"], release_language_models["mosaic_gpt"], 1)
+    model.eval()
+    assert model.lang_encoder.generation_config.use_cache is False  # from its config.json, as under 4.x
+    remote = next(cls for cls in type(model.lang_encoder).__mro__ if cls.__module__.startswith("transformers_modules"))
+    forward, reorder, calls, reorders = remote.forward, remote._reorder_cache, [], []
+
+    def recording_forward(self, input_ids, past_key_values=None, **kwargs):
+        calls.append((input_ids.shape[1], type(past_key_values).__name__))
+        return forward(self, input_ids, past_key_values=past_key_values, **kwargs)
+
+    monkeypatch.setattr(remote, "forward", recording_forward)
+    monkeypatch.setattr(remote, "_reorder_cache", staticmethod(lambda past, beam_idx: reorders.append(type(past)) or reorder(past, beam_idx)))
+    vision_x, input_ids, attention_mask = probe_inputs(tokenizer, tiny.IMAGE_SIZE)
+    common = {"max_new_tokens": 4, "eos_token_id": model.eoc_token_id, "pad_token_id": tokenizer.pad_token_id, "suppress_tokens": [model.media_token_id]}
+    prompt = input_ids.shape[1]
+    for beams in (1, 3):
+        tokens = {}
+        for use_cache in (False, True):
+            calls.clear(), reorders.clear()
+            with torch.no_grad():
+                tokens[use_cache] = model.generate(vision_x=vision_x, lang_x=input_ids, attention_mask=attention_mask, num_beams=beams, use_cache=use_cache, **common)
+            steps = len(calls)
+            if use_cache:
+                assert calls == [(prompt, "NoneType")] + [(1, "list")] * (steps - 1)
+                assert reorders == ([list] * steps if beams > 1 else [])
+            else:
+                assert calls == [(prompt + step, "NoneType") for step in range(steps)]
+        assert torch.equal(tokens[False], tokens[True]) and tokens[True].shape[1] > prompt + 1
 
 
 def test_a_tokenizer_other_than_the_checkpoints_is_refused(backbones, tmp_path):

@@ -12,7 +12,8 @@ import types
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, GenerationMixin
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ..configuration_flaminko import CACHE_NAME
 from ..modeling_flaminko import _TRANSFORMERS_4_NAMES as TRANSFORMERS_4_NAMES
@@ -114,6 +115,55 @@ class _MosaicGPTEmbeddings:
         self.transformer.wte = new_embeddings
 
 
+class _MosaicGPTOnTransformers5:
+    """What MosaicGPT's own code (mosaicml/examples v0.0.4, written for transformers 4.x) needs to run
+    under transformers 5 as it ran under 4.x; its code is not changed, only called differently."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # v0.0.4 never calls post_init(), which transformers 5's from_pretrained relies on (it reads
+        # all_tied_weights_keys, set there); without it loading fails before any weight is used.
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        # MosaicGPT keeps its own cache, a list of (key, value) tuples of shape (batch, seq, d_model), and
+        # starts one itself when it gets none. With use_cache=True, generate would otherwise build a
+        # DynamicCache from the config (which fails: MosaicGPTConfig has no num_hidden_layers) to hand in.
+        return False
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        # OpenFlamingo's Flamingo.forward passes labels=None, which v0.0.4's forward has no argument for.
+        if labels is not None:
+            kwargs["labels"] = labels
+        if attention_mask is not None:
+            # v0.0.4 masks with ~attention_mask, which on the tokenizer's 0/1 integers is a bitwise not
+            # that masked_fill refuses; its own prepare_inputs_for_generation casts to bool, as here.
+            attention_mask = attention_mask.bool()
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        # generate() keeps the cache the model returned under the installed transformers' name (5.24:
+        # `cache`); MosaicGPT's own prepare_inputs_for_generation reads only past_key_values, and would
+        # otherwise recompute the whole sequence at every step (same tokens, its cache never used).
+        if CACHE_NAME != "past_key_values" and CACHE_NAME in kwargs:
+            kwargs["past_key_values"] = kwargs.pop(CACHE_NAME)
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
+
+def _load_mosaic_gpt(language_model):
+    """MosaicGPT's own code (remote code), loaded as AutoModelForCausalLM.from_pretrained(...,
+    trust_remote_code=True) loads it, but as a subclass with _MosaicGPTOnTransformers5 first and
+    GenerationMixin last. A class, not an instance, is extended here (unlike OpenFlamingo's
+    extend_instance): its from_pretrained fails on transformers 5 before an instance exists, and
+    GenerationMixin (transformers 5's PreTrainedModel has no generate) must come after MosaicGPT so
+    that its own prepare_inputs_for_generation and _reorder_cache are the ones generate calls."""
+    config = AutoConfig.from_pretrained(language_model, trust_remote_code=True)
+    remote = get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], language_model)
+    patched = type(remote.__name__, (_MosaicGPTOnTransformers5, remote, GenerationMixin), {})
+    return patched.from_pretrained(language_model, config=config)
+
+
 def build_open_flamingo(
     vision, language_model, cross_attn_every_n_layers: int, tokenizer=None, *, convention="openflamingo", open_clip_visual=None
 ):
@@ -130,14 +180,15 @@ def build_open_flamingo(
     if mosaic_gpt:
         # As OpenFlamingo's factory: MosaicGPT's own code, its blocks at transformer.blocks, and
         # get/set_input_embeddings (which it lacks) given to the instance.
-        lang_encoder = AutoModelForCausalLM.from_pretrained(language_model, trust_remote_code=True)
+        lang_encoder = _load_mosaic_gpt(language_model)
         utils.extend_instance(lang_encoder, _MosaicGPTEmbeddings)
         layers_path = "transformer.blocks"
     else:
         lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
         layers_path = decoder_layers_path(lang_encoder)
     utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
-    utils.extend_instance(lang_encoder, _CacheUnderItsName)
+    if not mosaic_gpt:  # MosaicGPT takes past_key_values on every transformers (_MosaicGPTOnTransformers5)
+        utils.extend_instance(lang_encoder, _CacheUnderItsName)
     lang_encoder.set_decoder_layers_attr_name(layers_path)
     # The new rows' start is overwritten by the checkpoint (or, for rows it lacks, set as the converter sets them).
     lang_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
