@@ -12,7 +12,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # The transformers releases these files are tested on, both ends in CI. Users run the shipped copies
 # on their own transformers, so what differs between releases is decided here, once.
-TRANSFORMERS_WINDOW = ">=5.23,<5.25"
+TRANSFORMERS_WINDOW = ">=5.23,<5.26"
 TRANSFORMERS_VERSION = Version(Version(transformers.__version__).base_version)
 if TRANSFORMERS_VERSION not in SpecifierSet(TRANSFORMERS_WINDOW):
     raise ImportError(

@@ -321,15 +321,19 @@ def test_serves_on_the_installed_transformers_through_one_adapter():
 
 
 def test_a_changed_serving_stack_ends_in_one_clear_import_error(monkeypatch):
-    from transformers.cli.serving import utils
+    from transformers.cli.serving import chat_completion, utils
 
     from flaminko.configuration_flaminko import TRANSFORMERS_WINDOW
     from flaminko.serving.stack import TransformersServing
 
-    monkeypatch.delattr(utils.DirectStreamer, "_enqueue")
-    with pytest.raises(ImportError, match=r"has changed the serving stack .*_enqueue.*runs on transformers") as error:
+    monkeypatch.delattr(chat_completion.ChatCompletionHandler, "_non_streaming")
+    with pytest.raises(ImportError, match=r"has changed the serving stack .*_non_streaming.*runs on transformers") as error:
         TransformersServing()
     assert TRANSFORMERS_WINDOW in str(error.value)
+    monkeypatch.undo()
+    monkeypatch.delattr(utils, "_StreamError")
+    with pytest.raises(ImportError, match=r"has changed the serving stack .*_StreamError"):
+        TransformersServing()
 
 
 # --- A server safe beyond loopback: where images may come from, the event loop, request edges ---

@@ -94,7 +94,7 @@ def run_outside_window(version: str, body: str, *args, **kwargs) -> subprocess.C
     )
 
 
-@pytest.mark.parametrize("version", ["5.22.0", "5.25.0", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.22.0", "5.26.0", "6.0.0"])
 def test_a_release_outside_the_window_is_named_at_import(version):
     result = run_outside_window(
         version,
@@ -115,7 +115,7 @@ def test_remote_code_outside_the_window_names_it(model_and_processor, tmp_path):
     model.save_pretrained(tmp_path / "release")
     processor.save_pretrained(tmp_path / "release")
     result = run_outside_window(
-        "5.25.0",
+        "5.26.0",
         """
         sys.modules["flaminko"] = None  # the package must not be importable here
         from transformers import AutoModelForImageTextToText
@@ -128,7 +128,7 @@ def test_remote_code_outside_the_window_names_it(model_and_processor, tmp_path):
         env={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert TRANSFORMERS_WINDOW in result.stdout and "5.25.0" in result.stdout
+    assert TRANSFORMERS_WINDOW in result.stdout and "5.26.0" in result.stdout
 
 
 def test_the_model_card_names_the_window(model_and_processor):

@@ -8,7 +8,8 @@
   made into the prompt off the event loop, so a slow image holds up no other client;
 - the prompt is the model folder's chat template, as `flaminko chat` uses it;
 - generation (`batching`): queued requests with the same settings share one `generate` batch;
-- transformers' chat-completion handler and streamer, reached through one adapter (`stack`).
+- transformers' chat-completion handler (request fields, settings, response shapes), reached through one
+  adapter (`stack`) that meets each release's shape of it; the streamer is flaminko's own.
 """
 
 from .app import BackgroundServer, RequestError, build_app, serve

@@ -2,6 +2,7 @@
 boundary, before it is queued, and the server's start."""
 
 import asyncio
+import functools
 import threading
 import time
 import uuid
@@ -65,7 +66,7 @@ def build_app(
     served_name = served_model_name or model
     loaded, processor = load(model, device=device, dtype=dtype)
     processor_lock = threading.Lock()  # one tokenizer, shared by the requests' threads
-    _, manager_class = batching_classes(stack.utils)
+    _, manager_class = batching_classes(stack.stream_error)
     manager = manager_class(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
     preparing = ThreadPoolExecutor(PREPARING_THREADS, thread_name_prefix="flaminko-prepare")
 
@@ -102,20 +103,9 @@ def build_app(
             seed = check_seed(body.pop("seed", None))
             messages = check_messages(body.get("messages"))
             inputs = await asyncio.get_running_loop().run_in_executor(preparing, prepare, messages)
-            config = self._build_generation_config(body, loaded.generation_config)
+            config = stack.generation_config(self, body, loaded.generation_config, functools.partial(sampling, body))
             REQUEST_SEED.set(seed)
-            if body.get("stream"):
-                return self._streaming(request_id, loaded, processor, served_name, inputs, config, gen_manager=manager)
-            return await self._non_streaming(request_id, loaded, processor, served_name, inputs, config, gen_manager=manager)
-
-        def _build_generation_config(self, body, model_generation_config, use_cb=False):
-            config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
-            temperature, top_p = body.get("temperature"), body.get("top_p")
-            if temperature != 0 and ((temperature is not None and temperature > 0) or (top_p is not None and top_p < 1)):
-                config.do_sample = True  # OpenAI's temperature > 0 samples; transformers' keeps the model's default
-            if not config.do_sample:  # greedy: sampling settings would only be warned about
-                config.temperature = config.top_p = None
-            return config
+            return await stack.respond(self, request_id, body, loaded, processor, served_name, inputs, config, manager)
 
     handler = ChatCompletionHandler(model_manager=None, generation_state=stack.utils.GenerationState())
     created = int(time.time())
@@ -153,6 +143,16 @@ def build_app(
         return JSONResponse(RequestError(400, message).body(), status_code=400)
 
     return app
+
+
+def sampling(body: dict, do_sample: bool) -> dict:
+    """The sampling settings flaminko changes: OpenAI's temperature > 0 (or top_p < 1) samples, where
+    transformers' handler keeps the model's default; a greedy request keeps no sampling settings (they
+    would only be warned about)."""
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    if temperature != 0 and ((temperature is not None and temperature > 0) or (top_p is not None and top_p < 1)):
+        return {"do_sample": True}
+    return {} if do_sample else {"temperature": None, "top_p": None}
 
 
 def check_model(body: dict, served_name: str, source: str) -> None:

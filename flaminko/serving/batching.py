@@ -52,40 +52,75 @@ class _BatchFinished(Exception):
     """Raised from the batch streamer to end generate once every row has ended."""
 
 
-def batching_classes(utils):
-    """The per-request streamer and the batching generation manager, on transformers' classes
-    (`utils`: transformers.cli.serving.utils, as the adapter gives it)."""
+class _RowCancelled(Exception):
+    """Raised from a row's streamer once its client has gone, to end that row."""
 
-    class RowStreamer(utils.DirectStreamer):
-        """transformers' streamer for one request, cutting the text at the first `stop` string: text
-        that could begin a stop string is held back until it is known not to."""
 
-        def __init__(self, *args, stop=None, **kwargs):
-            super().__init__(*args, **kwargs)
+def batching_classes(stream_error):
+    """The per-request streamer and the batching generation manager (`stream_error`: the item that ends
+    a stream with an error in transformers' chat-completion handler, as the adapter gives it)."""
+
+    class RowStreamer:
+        """One request's stream, as transformers' handler reads it (a queue of text ending in None, and
+        `total_tokens`, `cancel`): its tokens decoded incrementally (the Rust tokenizer's DecodeStream)
+        and queued on the event loop, the text cut at the first `stop` string: text that could begin a
+        stop string is held back until it is known not to."""
+
+        def __init__(self, tokenizer, loop, text_queue, stop=None):
+            from tokenizers.decoders import DecodeStream
+
+            self._tokenizer, self._loop, self._queue = tokenizer, loop, text_queue
+            self._decode_stream = DecodeStream([], skip_special_tokens=True)
+            self._cancelled = threading.Event()
+            self._prompt = True
+            self.total_tokens = 0
             self.stop = [stop] if isinstance(stop, str) else list(stop or [])
             self.stopped = False
             self._held = ""
             self._received = ""
+
+        def put(self, value) -> None:
+            """The prompt first (skipped), then the row's new tokens."""
+            if self._cancelled.is_set():
+                raise _RowCancelled
+            if self._prompt:
+                self._prompt = False
+                return
+            for token_id in value.tolist():
+                self.total_tokens += 1
+                text = self._decode_stream.step(self._tokenizer, token_id)
+                if text is not None:
+                    self._send(text)
+
+        def cancel(self) -> None:
+            """The client has gone (or the handler is done with the stream): the row ends at its next token."""
+            self._cancelled.set()
+
+        def end(self) -> None:
+            self._send(None)
 
         def finish(self, token_ids: list) -> None:
             """Ends the stream; the incremental decoder keeps back bytes that do not yet form a
             character, so what the whole answer decodes to beyond the text sent is sent first."""
             whole = self._tokenizer.decode(token_ids, skip_special_tokens=True)
             if not self.stopped and whole.startswith(self._received) and len(whole) > len(self._received):
-                self._enqueue(whole[len(self._received) :])
+                self._send(whole[len(self._received) :])
             self.end()
 
         def fail(self, message: str) -> None:
             """Ends the stream with an error (generation failed)."""
-            super()._enqueue(utils._StreamError(message))
-            super()._enqueue(None)
+            self._enqueue(stream_error(message))
+            self._enqueue(None)
 
         def _enqueue(self, item) -> None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+        def _send(self, item) -> None:
             if item is None:  # the end of the stream
                 if self._held and not self.stopped:
-                    super()._enqueue(self._held)
+                    self._enqueue(self._held)
                 self._held = ""
-                super()._enqueue(None)
+                self._enqueue(None)
                 return
             if self.stopped:
                 return
@@ -96,12 +131,12 @@ def batching_classes(utils):
                 self.stopped = True
                 self._held = ""
                 if min(cuts):
-                    super()._enqueue(text[: min(cuts)])
+                    self._enqueue(text[: min(cuts)])
                 return
             keep = max((len(stop) - 1 for stop in self.stop), default=0)
             ready, self._held = (text[: len(text) - keep], text[len(text) - keep :]) if keep else (text, "")
             if ready:
-                super()._enqueue(ready)
+                self._enqueue(ready)
 
     class BatchStreamer:
         """What generate streams to: hands each row's new token to its request's streamer, and
@@ -125,7 +160,7 @@ def batching_classes(utils):
                 job.tokens.append(token)
                 try:
                     job.streamer.put(value.new_tensor([token]))
-                except utils._GenerationCancelled:
+                except _RowCancelled:
                     job.done = True
                 job.done = job.done or job.streamer.stopped
             if all(job.done for job in self.jobs):
@@ -135,9 +170,10 @@ def batching_classes(utils):
             for job in self.jobs:
                 job.streamer.finish(job.tokens)
 
-    class BatchingGenerateManager(utils.BaseGenerateManager):
-        """transformers' generation-manager interface over one worker thread that runs queued
-        requests with the same settings in one generate batch (up to max_batch_size rows)."""
+    class BatchingGenerateManager:
+        """The generation manager the handler's responses call (on transformers 5.25 through the
+        adapter's engine): one worker thread runs queued requests with the same settings in one
+        generate batch (up to max_batch_size rows)."""
 
         def __init__(self, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
             self.max_batch_size = max_batch_size
@@ -155,7 +191,7 @@ def batching_classes(utils):
             text_queue, job = self._submit(model, processor, inputs, gen_config)
             parts = []
             while (item := await text_queue.get()) is not None:
-                if isinstance(item, utils._StreamError):
+                if isinstance(item, stream_error):
                     raise GenerationFailed(f"generation failed: {item.msg}")
                 parts.append(item)
             return "".join(parts), inputs["input_ids"].shape[-1], job.tokens
@@ -214,7 +250,7 @@ def batching_classes(utils):
             """Hands the prompt to the row's streamer; False when its client has already gone."""
             try:
                 job.streamer.put(job.inputs["input_ids"])
-            except utils._GenerationCancelled:
+            except _RowCancelled:
                 return False
             return True
 

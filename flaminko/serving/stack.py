@@ -1,9 +1,10 @@
 """The adapter between flaminko serve and transformers' serving stack (`transformers serve`, the modules
 of `transformers.cli.serving`): the one place that imports them. They are not a public API and change
 between releases, so flaminko serve takes from them only the chat-completion handler (request fields,
-generation settings, OpenAI's response and SSE shapes) and the streaming and generation-manager
-interfaces, and builds the rest on public APIs: the model and processor load through the Auto classes,
-and the app is FastAPI's, with its own routes.
+generation settings, OpenAI's response and SSE shapes), the error item that ends a stream and the
+handler's generation state, and builds the rest itself or on public APIs: the model and processor
+load through the Auto classes, the streamer and the batching generation manager are flaminko's own
+(`batching`), and the app is FastAPI's, with its own routes.
 
 What changed inside the package's transformers window and touched flaminko serve, and why it no
 longer does:
@@ -11,43 +12,73 @@ longer does:
   splitting a revision off the name failed ("not enough values to unpack"); and 5.24's `/v1/models`
   calls `ModelManager.list_models()` where 5.23 called `get_gen_models()`. flaminko serve uses neither
   the model manager nor transformers' app.
-A release that removes or renames a piece listed in USED ends in one ImportError naming it.
+- 5.25 runs each model in a process of its own behind an `EngineClient`: the handler's responses take
+  that engine and the request's generation kwargs (`_build_generation_kwargs`, a dict) where 5.23 and
+  5.24 took the model, the processor, a `GenerationConfig` (`_build_generation_config`) and a
+  generation manager; and `DirectStreamer` and `BaseGenerateManager` are gone (a `Detokenizer` decodes
+  the tokens the engine sends back). Here the handler's two shapes are met once (`generation_config`,
+  `respond`); on 5.25 a `FlaminkoEngine` stands for the engine client, over flaminko's own manager.
+A release that removes or renames a piece listed in `used()` ends in one ImportError naming it.
 """
 
+import copy
 from importlib.metadata import version
 from importlib.util import find_spec
 
-INSTALL_HINT = "pip install 'flaminko[serve]'"
+from packaging.version import Version
 
-# module of transformers.cli.serving -> {name: methods of it flaminko serve calls or overrides}
-USED = {
-    "chat_completion": {
-        "ChatCompletionHandler": ("_validate_request", "_build_generation_config", "_streaming", "_non_streaming"),
-    },
-    "utils": {
-        "BaseGenerateManager": ("generate_streaming", "generate_non_streaming"),
-        "DirectStreamer": ("_enqueue", "put", "end"),
-        "GenerationState": (),
-        "_GenerationCancelled": (),
-        "_StreamError": (),
-    },
-}
+INSTALL_HINT = "pip install 'flaminko[serve]'"
+# From this release on, the handler's responses talk to an engine client (see the module's docstring).
+ENGINE_RELEASE = Version("5.25")
+
+
+def used(engines: bool) -> dict:
+    """module of transformers.cli.serving -> {name: methods of it flaminko serve calls}."""
+    settings = "_build_generation_kwargs" if engines else "_build_generation_config"
+    return {
+        "chat_completion": {"ChatCompletionHandler": ("_validate_request", settings, "_streaming", "_non_streaming")},
+        "utils": {"GenerationState": (), "_StreamError": ()},
+    }
+
+
+class FlaminkoEngine:
+    """What transformers 5.25's handler uses of an `EngineClient`, for one request: the model's name,
+    config and processor, and its generation, run by flaminko's batching manager with the request's
+    `GenerationConfig` (the handler's generation kwargs only tell it the token budget)."""
+
+    def __init__(self, model, processor, model_id: str, generation_config, manager, request_id: str):
+        self.model, self.processor, self.model_id = model, processor, model_id
+        self.model_config, self.generation_config = model.config, generation_config
+        self.manager, self.request_id = manager, request_id
+        self.use_cb = False
+
+    def generate_streaming(self, inputs, generation_kwargs, response_parser=None):
+        return self.manager.generate_streaming(
+            self.model, self.processor, inputs, self.generation_config, self.request_id, response_parser=response_parser
+        )
+
+    async def generate_non_streaming(self, inputs, generation_kwargs):
+        return await self.manager.generate_non_streaming(
+            self.model, self.processor, inputs, self.generation_config, self.request_id
+        )
 
 
 class TransformersServing:
-    """transformers' serving modules, checked: `.chat_completion` and `.utils`."""
+    """transformers' serving modules, checked: `.chat_completion` and `.utils`, and the two shapes of
+    the chat-completion handler's internals, met here once."""
 
     def __init__(self):
-        from ..configuration_flaminko import TRANSFORMERS_WINDOW
+        from ..configuration_flaminko import TRANSFORMERS_VERSION, TRANSFORMERS_WINDOW
 
         missing = [name for name in ("fastapi", "uvicorn", "openai") if find_spec(name) is None]
         if missing:
             raise ImportError(f"flaminko serve needs FastAPI, uvicorn and openai ({', '.join(missing)} missing): {INSTALL_HINT}")
+        self.engines = TRANSFORMERS_VERSION >= ENGINE_RELEASE
         try:
             from transformers.cli.serving import chat_completion, utils
 
             modules = {"chat_completion": chat_completion, "utils": utils}
-            for module_name, names in USED.items():
+            for module_name, names in used(self.engines).items():
                 for name, methods in names.items():
                     owner = getattr(modules[module_name], name)
                     for method in methods:
@@ -58,3 +89,32 @@ class TransformersServing:
                 f"({error}); flaminko serve runs on transformers{TRANSFORMERS_WINDOW}"
             ) from error
         self.chat_completion, self.utils = chat_completion, utils
+        self.stream_error = utils._StreamError
+
+    def generation_config(self, handler, body: dict, model_generation_config, amend):
+        """The request's `GenerationConfig`: the handler reads the request's settings on top of the model's
+        generation config; `amend(do_sample)` then gives the settings flaminko changes (name -> value)."""
+        if not self.engines:
+            config = handler._build_generation_config(body, model_generation_config)
+            for name, value in amend(config.do_sample).items():
+                setattr(config, name, value)
+            return config
+        settings = handler._build_generation_kwargs(body, model_generation_config)
+        settings.update(amend(settings["do_sample"]))
+        config = copy.deepcopy(model_generation_config)
+        # Only what the request changes counts as set by it (validate warns about conflicting settings set).
+        config.update(**{name: value for name, value in settings.items() if getattr(config, name, None) != value})
+        return config
+
+    async def respond(self, handler, request_id: str, body: dict, model, processor, model_id: str, inputs, config, manager):
+        """The handler's answer, streamed (SSE) or whole (JSON), generated by `manager` with `config`."""
+        if not self.engines:
+            arguments = (request_id, model, processor, model_id, inputs, config)
+            if body.get("stream"):
+                return handler._streaming(*arguments, gen_manager=manager)
+            return await handler._non_streaming(*arguments, gen_manager=manager)
+        engine = FlaminkoEngine(model, processor, model_id, config, manager, request_id)
+        generation_kwargs = config.to_dict()
+        if body.get("stream"):
+            return handler._streaming(request_id, engine, inputs, generation_kwargs, stream_options=body.get("stream_options"))
+        return await handler._non_streaming(request_id, engine, inputs, generation_kwargs)
