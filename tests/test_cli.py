@@ -290,6 +290,9 @@ def test_ctrl_c_ends_quietly(trained):
     process = subprocess.Popen(
         [*command, "chat", "--model", str(out / "final")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+        # As from a terminal: a suite started in the background of a non-interactive shell ignores
+        # SIGINT, and a child that inherits that never sees the Ctrl-C this test sends.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stdout.readline().startswith("Type a message")  # loaded, waiting for input
     process.send_signal(signal.SIGINT)
