@@ -263,7 +263,7 @@ def replace_words_at_random(input_ids: torch.Tensor, words: torch.Tensor, probab
     a word token drawn from the whole batch, so that the LM reads a random word in its place: word
     dropout with the batch's own words. Uses torch's global generator (the Trainer seeds it)."""
     candidates = input_ids[words]
-    if probability == 0 or candidates.numel() == 0:
+    if candidates.numel() == 0:
         return input_ids
     replace = words & (torch.rand(input_ids.shape) < probability)
     noisy = input_ids.clone()
@@ -290,6 +290,9 @@ class FlaminkoCollator:
         self.max_length = max_length
         self.interleaved = interleaved
         self.word_noise = word_noise
+        tokenizer = processor.tokenizer
+        special = (processor.image_token_id, processor.end_of_chunk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+        self.not_words = torch.tensor([token for token in special if token is not None])
         self.skipped = Counter()
 
     def __call__(self, samples):
@@ -327,8 +330,6 @@ class FlaminkoCollator:
         labels[input_ids == self.processor.image_token_id] = -100
         batch["labels"] = labels
         if self.word_noise:
-            tokenizer = self.processor.tokenizer
-            special = [self.processor.image_token_id, self.processor.end_of_chunk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id]
-            words = batch["attention_mask"].bool() & ~torch.isin(input_ids, torch.tensor([i for i in special if i is not None]))
+            words = batch["attention_mask"].bool() & ~torch.isin(input_ids, self.not_words)
             batch["input_ids"] = replace_words_at_random(input_ids, words, self.word_noise)
         return batch
