@@ -809,14 +809,16 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         language_model_name_or_path,
         *,
         tokenizer_name_or_path=None,
-        dtype=None,
+        dtype=torch.float32,
         **config_kwargs,
     ):
         """A model with a pretrained CLIP vision tower and causal LM (Hub ids or folders) and a fresh
         resampler and gated cross-attention; returns (model, processor).
 
         The tokenizer comes from the LM unless tokenizer_name_or_path is given; config_kwargs go to
-        FlaminkoConfig (e.g. cross_attn_every_n_layers=4).
+        FlaminkoConfig (e.g. cross_attn_every_n_layers=4). The whole model is built in `dtype`
+        (float32 unless given, as OpenFlamingo builds it): the backbones' files name dtypes of their
+        own (CLIP float32, mpt-7b bfloat16, LLaMA-7B float16), which transformers would otherwise keep.
         """
         _check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
         _check_local_path(language_model_name_or_path, "language_model_name_or_path")

@@ -161,7 +161,7 @@ def _load_mosaic_gpt(language_model):
     config = AutoConfig.from_pretrained(language_model, trust_remote_code=True)
     remote = get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], language_model)
     patched = type(remote.__name__, (_MosaicGPTOnTransformers5, remote, GenerationMixin), {})
-    return patched.from_pretrained(language_model, config=config)
+    return patched.from_pretrained(language_model, config=config, dtype=torch.float32)
 
 
 def build_open_flamingo(
@@ -184,7 +184,8 @@ def build_open_flamingo(
         utils.extend_instance(lang_encoder, _MosaicGPTEmbeddings)
         layers_path = "transformer.blocks"
     else:
-        lang_encoder = AutoModelForCausalLM.from_pretrained(language_model)
+        # float32, as OpenFlamingo's factory loaded it on transformers 4 (5 keeps the file's dtype).
+        lang_encoder = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
         layers_path = decoder_layers_path(lang_encoder)
     utils.extend_instance(lang_encoder, flamingo_lm.FlamingoLMMixin)
     if not mosaic_gpt:  # MosaicGPT takes past_key_values on every transformers (_MosaicGPTOnTransformers5)
@@ -193,7 +194,7 @@ def build_open_flamingo(
     # The new rows' start is overwritten by the checkpoint (or, for rows it lacks, set as the converter sets them).
     lang_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     post_layernorm, act = vision_convention(convention)
-    clip = CLIPVisionModel.from_pretrained(vision, **({"hidden_act": act} if act else {}))
+    clip = CLIPVisionModel.from_pretrained(vision, dtype=torch.float32, **({"hidden_act": act} if act else {}))
     vision_encoder = nn.Module()
     if open_clip_visual is not None:
         vision_encoder.visual = open_clip_tower(open_clip_visual, convention)
