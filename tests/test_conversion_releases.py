@@ -1,7 +1,8 @@
-"""Every released OpenFlamingo-family model, converted with its preset from local files: a tiny
-stand-in of each release's LM (MosaicGPT written here from its published structure, GPT-NeoX and
-LLaMA checkpoints carrying transformers 4.28's buffers, MPT-7B as transformers' MPT), its checkpoint
-laid out as the release has it, compared with OpenFlamingo's own code and loaded as remote code."""
+"""Every released OpenFlamingo-family model, converted with its preset from local files: stand-ins
+of each release's backbones built from their real config files (tests/fixtures/releases; MosaicGPT's
+code written here from its published structure), its checkpoint laid out as the release has it
+(GPT-NeoX and LLaMA checkpoints carrying transformers 4.28's buffers), compared with OpenFlamingo's
+own code and loaded as remote code."""
 
 import importlib.util
 import json
@@ -22,6 +23,7 @@ from flaminko.conversion.mosaic_gpt import mpt_config_from_mosaic_gpt  # noqa: E
 from flaminko.modeling_flaminko import drop_recomputed_buffers  # noqa: E402
 from flaminko.conversion.presets import PRESETS  # noqa: E402
 from flaminko.release import model_card  # noqa: E402
+from release_files import PADDED_VOCAB, release_config, save_clip_release, save_language_model_release  # noqa: E402
 
 # MosaicGPT as mosaicml/examples v0.0.4 lays it out (examples/llm/src/models/mosaic_gpt and
 # layers/{attention,gpt_blocks}.py): the same module names, QK LayerNorm over the full width on
@@ -159,35 +161,15 @@ class MosaicGPT(PreTrainedModel):
         return [tuple(tensor.index_select(0, beam_idx) for tensor in layer) for layer in past_key_values]
 '''
 
-# mpt-1b-redpajama-200b's config.json, at a tiny width.
+# mpt-1b-redpajama-200b's config.json (tests/fixtures/releases), at a tiny width, with the auto_map
+# of the stand-in code above (the copy found has none).
 MOSAIC_GPT_CONFIG = {
-    "architectures": ["MosaicGPT"],
+    **release_config("anas-awadalla/mpt-1b-redpajama-200b"),
     "auto_map": {"AutoConfig": "mosaic_gpt.MosaicGPTConfig", "AutoModelForCausalLM": "mosaic_gpt.MosaicGPT"},
-    "model_type": "mosaic_gpt",
-    "d_model": 32,
-    "n_heads": 4,
-    "n_layers": 4,
-    "mlp_ratio": 4,
-    "max_seq_len": 256,
-    "alibi": True,
-    "alibi_bias_max": 8,
-    "attn_qk_ln": True,
-    "attn_clip_qkv": None,
-    "attn_impl": "torch",
-    "attn_pdrop": 0,
-    "resid_pdrop": 0,
-    "emb_pdrop": 0,
-    "embedding_fraction": 1.0,
-    "low_precision_layernorm": True,
-    "no_bias": True,
-    "logit_scale": None,
-    "prefix_lm": False,
-    "attn_uses_sequence_id": False,
-    "softmax_scale": None,
-    "use_cache": False,
 }
-# Vocabularies padded past the tokenizer, as mpt-1b's and mpt-7b's 50432 rows for 50277 tokens.
-PADDED_VOCAB = 448
+# MosaicGPTConfig types its dropouts as floats (mosaicml/examples v0.0.4: attn_pdrop=0.0, ...), so a
+# folder its own save_pretrained writes holds 0.0 where the released file holds 0.
+AS_MOSAIC_GPT_WRITES_IT = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "emb_pdrop": 0.0}
 
 
 def load_mosaic_gpt_module(folder):
@@ -201,7 +183,7 @@ def save_mosaic_gpt(folder, **overrides):
     """A MosaicGPT folder as on the Hub: config.json with auto_map, its code, pytorch_model.bin, tokenizer."""
     folder.mkdir(parents=True)
     (folder / "mosaic_gpt.py").write_text(MOSAIC_GPT_CODE)
-    config = {**MOSAIC_GPT_CONFIG, "vocab_size": PADDED_VOCAB, **overrides}
+    config = {**MOSAIC_GPT_CONFIG, **overrides}
     (folder / "config.json").write_text(json.dumps(config))
     module = load_mosaic_gpt_module(folder)
     model = module.MosaicGPT(module.MosaicGPTConfig(**{k: v for k, v in config.items() if k != "model_type"}))
@@ -210,15 +192,6 @@ def save_mosaic_gpt(folder, **overrides):
             if name.endswith("_ln.weight") or ".ln_" in name:
                 parameter.uniform_(0.5, 1.5)  # not all ones, so that a norm left out shows
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    tiny.train_tokenizer(tiny.shipped_text()).save_pretrained(folder)
-    return folder
-
-
-def save_mpt_7b_like(folder):
-    """mpt-7b as OpenFlamingo-9B loads it: transformers' MPT (model_type mpt), tied, vocab padded."""
-    torch.manual_seed(1)
-    config = MptConfig(d_model=32, n_heads=4, n_layers=4, expansion_ratio=4, max_seq_len=256, vocab_size=PADDED_VOCAB)
-    MptForCausalLM(config).save_pretrained(folder)
     tiny.train_tokenizer(tiny.shipped_text()).save_pretrained(folder)
     return folder
 
@@ -270,21 +243,26 @@ def release_language_models(backbones, tmp_path_factory):
     root = tmp_path_factory.mktemp("releases")
     torch.manual_seed(0)
     return {
+        "vision": save_clip_release(root / "clip-vit-large-patch14"),
         "mosaic_gpt": save_mosaic_gpt(root / "mpt-1b-redpajama-200b"),
-        "mpt": save_mpt_7b_like(root / "mpt-7b"),
+        "mosaic_gpt_saved_by_its_code": save_mosaic_gpt(root / "mpt-1b-redpajama-200b-saved", **AS_MOSAIC_GPT_WRITES_IT),
+        "mpt": save_language_model_release(root / "mpt-7b", "mosaicml/mpt-7b"),
+        "polyglot_ko": save_language_model_release(root / "polyglot-ko-1.3b", "EleutherAI/polyglot-ko-1.3b"),
+        "llama": save_language_model_release(root / "llama-7b-hf", "decapoda-research/llama-7b-hf"),
+        # RedPajama-INCITE-3B's files could not be found (tests/fixtures/releases/README.md).
         "gpt_neox": backbones["gpt_neox"],
-        "llama": backbones["llama"],
     }
 
 
 RELEASE_LMS = {
     "OpenFlamingo-3B-vitl-mpt1b": "mosaic_gpt",
-    "OpenFlamingo-3B-vitl-mpt1b-langinstruct": "mosaic_gpt",
+    # The -dolly LM's config.json could not be found; a fine-tune saved by MosaicGPT's own code has float dropouts.
+    "OpenFlamingo-3B-vitl-mpt1b-langinstruct": "mosaic_gpt_saved_by_its_code",
     "OpenFlamingo-4B-vitl-rpj3b": "gpt_neox",
     "OpenFlamingo-4B-vitl-rpj3b-langinstruct": "gpt_neox",
     "OpenFlamingo-9B-vitl-mpt7b": "mpt",
     "OpenFlamingo-9B-deprecated": "llama",
-    "OpenFlaminKO": "gpt_neox",
+    "OpenFlaminKO": "polyglot_ko",
 }
 
 REMOTE_GENERATE_SCRIPT = """
@@ -311,14 +289,15 @@ def test_the_cli_knows_every_preset():
 def test_release_converts_with_its_preset_and_matches_open_flamingo(backbones, release_language_models, tmp_path, capsys, release):
     preset = PRESETS[release]
     language_model = release_language_models[RELEASE_LMS[release]]
-    reference = trained_reference({"vision": backbones["vision"], "lm": language_model}, "lm", preset.cross_attn_every_n_layers, seed=11)
+    vision = release_language_models["vision"]
+    reference = trained_reference({"vision": vision, "lm": language_model}, "lm", preset.cross_attn_every_n_layers, seed=11)
     checkpoint, state = tmp_path / "checkpoint.pt", release_state(reference, release)
     if release == "OpenFlaminKO":  # its training's own checkpoint: nested, under DDP's module. prefix
         state = {"epoch": 0, "model_state_dict": {f"module.{key}": tensor for key, tensor in state.items()}}
     torch.save(state, checkpoint)
     out = tmp_path / "converted"
     main(["convert", "open-flamingo", "--preset", release, "--checkpoint", str(checkpoint), "--lm", str(language_model),
-          "--vision", str(backbones["vision"]), "--verify", "--out", str(out)])
+          "--vision", str(vision), "--verify", "--out", str(out)])
     printed = capsys.readouterr().out
     difference = float(printed.split("max |logits diff| vs reference:")[1].split()[0])
     assert difference <= 1e-4, printed
@@ -338,7 +317,8 @@ def test_release_converts_with_its_preset_and_matches_open_flamingo(backbones, r
 
     # The folder alone, as remote code where flaminko cannot be imported: same logits and tokens.
     model = FlaminkoForConditionalGeneration.from_pretrained(out).eval()
-    processor_inputs = {"input_ids": torch.tensor([[model.config.media_token_id, 5, 9, 17]]), "pixel_values": torch.randn(1, 1, 3, 32, 32)}
+    size = model.config.vision_config.image_size
+    processor_inputs = {"input_ids": torch.tensor([[model.config.media_token_id, 5, 9, 17]]), "pixel_values": torch.randn(1, 1, 3, size, size)}
     torch.save(processor_inputs, tmp_path / "inputs.pt")
     (tmp_path / "generate.py").write_text(REMOTE_GENERATE_SCRIPT)
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
@@ -352,6 +332,18 @@ def test_release_converts_with_its_preset_and_matches_open_flamingo(backbones, r
         assert torch.allclose(remote["logits"], model(**processor_inputs).logits, atol=1e-6)
         for beams, tokens in zip((1, 3), remote["tokens"]):
             assert torch.equal(tokens, model.generate(**processor_inputs, max_new_tokens=6, num_beams=beams))
+
+
+def test_from_backbones_builds_one_dtype_whatever_the_files_name(release_language_models):
+    """mpt-7b's config.json names bfloat16, LLaMA-7B's float16, CLIP's float32: transformers 5 keeps
+    each, and a model mixing them fails at its first matrix product."""
+    for lm in ("mpt", "llama"):
+        model, processor = FlaminkoForConditionalGeneration.from_backbones(release_language_models["vision"], release_language_models[lm])
+        assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+        size = model.config.vision_config.image_size
+        model(input_ids=torch.tensor([[model.config.media_token_id, 5]]), pixel_values=torch.randn(1, 1, 3, size, size))
+    half, _ = FlaminkoForConditionalGeneration.from_backbones(release_language_models["vision"], release_language_models["mpt"], dtype=torch.bfloat16)
+    assert {parameter.dtype for parameter in half.parameters()} == {torch.bfloat16}
 
 
 def test_buffers_transformers_5_recomputes_are_checked_and_left_out(backbones):
@@ -409,12 +401,29 @@ def test_openflaminkos_own_loading_line_takes_a_checkpoint_with_4x_buffers(backb
         ({"mlp_ratio": 2}, "mlp_ratio=2"),
         ({"no_bias": False}, "no_bias=False"),
         ({"prefix_lm": True}, "prefix_lm=True"),
+        ({"max_seq_len": 256.5}, "max_seq_len=256.5 is not a whole number"),
     ],
 )
 def test_mosaic_gpt_settings_mpt_cannot_compute_are_refused(overrides, named):
-    assert mpt_config_from_mosaic_gpt({**MOSAIC_GPT_CONFIG, "vocab_size": PADDED_VOCAB}).attn_config.qk_ln
+    assert mpt_config_from_mosaic_gpt(MOSAIC_GPT_CONFIG)[0].attn_config.qk_ln
     with pytest.raises(ValueError, match=f"cannot be converted faithfully: .*{named}"):
-        mpt_config_from_mosaic_gpt({**MOSAIC_GPT_CONFIG, "vocab_size": PADDED_VOCAB, **overrides})
+        mpt_config_from_mosaic_gpt({**MOSAIC_GPT_CONFIG, **overrides})
+
+
+def test_mosaic_gpt_numbers_take_the_types_mpt_declares_and_dropout_is_noted():
+    """transformers' MptConfig is a strict dataclass: attn_pdrop is an int there, clip_qkv a float,
+    the sizes ints. Values of the same meaning are taken in its types; dropout, which only acts in
+    training, becomes none, and the summary line says what it was."""
+    config, notes = mpt_config_from_mosaic_gpt(
+        {**MOSAIC_GPT_CONFIG, "attn_qk_ln": False, "attn_clip_qkv": 8, "max_seq_len": 256.0, "attn_pdrop": 0.1, "resid_pdrop": 0.1}
+    )
+    assert config.attn_config.clip_qkv == 8.0 and config.max_seq_len == 256 and isinstance(config.max_seq_len, int)
+    assert config.attn_config.attn_pdrop == 0 and config.resid_pdrop == 0.0
+    assert notes == [
+        "dropout: MosaicGPT's attn_pdrop=0.1, resid_pdrop=0.1, emb_pdrop=0 -> MPT attn_config.attn_pdrop=0, resid_pdrop=0.0, "
+        "emb_pdrop=0.0 (transformers' MPT declares attn_pdrop an int; dropout does not change inference; fine-tuning runs without it)"
+    ]
+    MptConfig.from_dict(config.to_dict())  # what the converted folder's config.json loads back as
 
 
 def test_mpt_settings_transformers_ignores_are_refused(backbones, tmp_path):

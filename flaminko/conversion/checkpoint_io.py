@@ -48,6 +48,7 @@ class ConversionSummary:
     bytes_written: int = 0
     initialised: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
+    config_changes: list[str] = field(default_factory=list)  # values a target config could not take as they were
     max_abs_diff: float | None = None
 
     def __str__(self) -> str:
@@ -59,6 +60,7 @@ class ConversionSummary:
         ]
         lines += [f"initialised:      {note}" for note in self.initialised]
         lines += [f"left out:         {note}, recomputed by transformers 5 (checked equal)" for note in self.left_out]
+        lines += [f"config:           {note}" for note in self.config_changes]
         if self.max_abs_diff is not None:
             lines.append(f"max |logits diff| vs reference: {self.max_abs_diff:.3g}")
         return "\n".join(lines)

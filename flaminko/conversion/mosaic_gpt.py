@@ -73,9 +73,21 @@ def is_mosaic_gpt(config: dict | None) -> bool:
     return config is not None and config.get("model_type") == MOSAIC_GPT_MODEL_TYPE
 
 
-def mpt_config_from_mosaic_gpt(mosaic: dict) -> MptConfig:
-    """The MptConfig computing what a MosaicGPT config.json describes; ValueError naming every setting
-    that transformers' MPT (with Flaminko's QK LayerNorm) cannot honour."""
+def _json_number(mosaic: dict, name: str, kind: type, default=None):
+    """A MosaicGPT config.json number as the type transformers' strict MptConfig declares for it:
+    2048.0 may stand for an int and 8 for a float, with the same meaning; 2048.5 cannot."""
+    value = mosaic.get(name, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if kind is int and not float(value).is_integer():
+        raise ValueError(f"This MosaicGPT configuration cannot be converted faithfully: {name}={value!r} is not a whole number")
+    return kind(value)
+
+
+def mpt_config_from_mosaic_gpt(mosaic: dict) -> tuple[MptConfig, list[str]]:
+    """The MptConfig computing what a MosaicGPT config.json describes, and what changed on the way
+    (dropout: see below); ValueError naming every setting that transformers' MPT (with Flaminko's QK
+    LayerNorm) cannot honour."""
     wanted = {
         "alibi": True,  # transformers' MPT has no learned position embedding (MosaicGPT's wpe)
         "alibi_bias_max": 8,
@@ -85,35 +97,42 @@ def mpt_config_from_mosaic_gpt(mosaic: dict) -> MptConfig:
         "no_bias": True,
         "mlp_ratio": 4,
         "embedding_fraction": 1.0,
-        "emb_pdrop": 0.0,
     }
     problems = [f"{name}={mosaic.get(name)!r} (supported: {value!r})" for name, value in wanted.items() if mosaic.get(name, value) != value]
-    if mosaic.get("resid_pdrop", 0.0) != mosaic.get("attn_pdrop", 0.0):
-        problems.append("resid_pdrop != attn_pdrop (transformers' MPT uses attn_pdrop for both)")
     if mosaic.get("attn_qk_ln") and mosaic.get("attn_clip_qkv"):
         problems.append("attn_clip_qkv together with attn_qk_ln (MosaicGPT clips before the norms)")
-    heads = mosaic.get("n_heads", 16)
+    heads = _json_number(mosaic, "n_heads", int, 16)
     if heads & (heads - 1):
         # MosaicGPT v0.0.4's ALiBi slopes differ from MPT's when the head count is no power of two.
         problems.append(f"n_heads={heads} (ALiBi slopes match MPT's only for a power of two)")
     if problems:
         raise ValueError("This MosaicGPT configuration cannot be converted faithfully: " + "; ".join(problems))
-    return MptConfig(
-        d_model=mosaic["d_model"],
+    # MosaicGPT types its dropouts as floats (config.json: 0.0); transformers' MPT applies one dropout,
+    # attn_config.attn_pdrop, in attention and on both residual branches, and declares it an int.
+    # Dropout only acts in training, so the converted LM gets none and the summary says so.
+    dropouts = {name: mosaic.get(name, 0.0) for name in ("attn_pdrop", "resid_pdrop", "emb_pdrop")}
+    notes = [
+        "dropout: MosaicGPT's "
+        + ", ".join(f"{name}={value!r}" for name, value in dropouts.items())
+        + " -> MPT attn_config.attn_pdrop=0, resid_pdrop=0.0, emb_pdrop=0.0 (transformers' MPT declares"
+        " attn_pdrop an int; dropout does not change inference; fine-tuning runs without it)"
+    ]
+    config = MptConfig(
+        d_model=_json_number(mosaic, "d_model", int),
         n_heads=heads,
-        n_layers=mosaic["n_layers"],
+        n_layers=_json_number(mosaic, "n_layers", int),
         expansion_ratio=4,
-        max_seq_len=mosaic["max_seq_len"],
-        vocab_size=mosaic["vocab_size"],
-        resid_pdrop=mosaic.get("resid_pdrop", 0.0),
+        max_seq_len=_json_number(mosaic, "max_seq_len", int),
+        vocab_size=_json_number(mosaic, "vocab_size", int),
+        resid_pdrop=0.0,
         emb_pdrop=0.0,
         layer_norm_epsilon=1e-5,  # torch's LayerNorm default, which MosaicGPT's norms keep
         learned_pos_emb=False,
         attn_config={
-            "attn_pdrop": mosaic.get("attn_pdrop", 0.0),
+            "attn_pdrop": 0,
             "attn_impl": "torch",
-            "clip_qkv": mosaic.get("attn_clip_qkv"),
-            "softmax_scale": mosaic.get("softmax_scale"),
+            "clip_qkv": _json_number(mosaic, "attn_clip_qkv", float),
+            "softmax_scale": _json_number(mosaic, "softmax_scale", float),
             "qk_ln": bool(mosaic.get("attn_qk_ln")),
             "alibi": True,
             "alibi_bias_max": 8,
@@ -122,10 +141,11 @@ def mpt_config_from_mosaic_gpt(mosaic: dict) -> MptConfig:
         logit_scale=None,
         tie_word_embeddings=True,
         use_cache=True,
-        bos_token_id=mosaic.get("bos_token_id"),
-        eos_token_id=mosaic.get("eos_token_id"),
-        pad_token_id=mosaic.get("pad_token_id"),
+        bos_token_id=_json_number(mosaic, "bos_token_id", int),
+        eos_token_id=_json_number(mosaic, "eos_token_id", int),
+        pad_token_id=_json_number(mosaic, "pad_token_id", int),
     )
+    return config, notes
 
 
 def check_mpt_config(config):
@@ -180,12 +200,12 @@ def expected_mpt_weights(config: MptConfig) -> set[str]:
     return blocks | set(_TOP_RENAMES.values())
 
 
-def write_mosaic_gpt_as_mpt(folder, out, dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
+def write_mosaic_gpt_as_mpt(folder, out, dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor], list[str]]:
     """Write a MosaicGPT folder as a transformers MPT folder at `out` (config, safetensors shards in
-    `dtype`, the tokenizer), one shard at a time; returns (out, the QK LayerNorm weights), which
-    transformers' MPT has no place for and Flaminko's model does."""
+    `dtype`, the tokenizer), one shard at a time; returns (out, the QK LayerNorm weights, which
+    transformers' MPT has no place for and Flaminko's model does, and the config's notes)."""
     folder, out = Path(folder), Path(out)
-    config = mpt_config_from_mosaic_gpt(read_config_json(folder))
+    config, notes = mpt_config_from_mosaic_gpt(read_config_json(folder))
     out.mkdir(parents=True)
     files = weight_files(folder)
     query_key_norms, unplaced, weight_map = {}, [], {}
@@ -216,4 +236,4 @@ def write_mosaic_gpt_as_mpt(folder, out, dtype: torch.dtype) -> tuple[str, dict[
     for pattern in TOKENIZER_FILES:
         for path in folder.glob(pattern):
             shutil.copyfile(path, out / path.name)
-    return str(out), query_key_norms
+    return str(out), query_key_norms, notes

@@ -93,10 +93,10 @@ def convert_open_flamingo(
         open_clip_visual = vision if os.path.isfile(vision) else None
         if open_clip_visual is not None:
             vision = save_open_clip_visual_as_hf(open_clip_visual, Path(scratch) / "vision", hidden_act=act or "quick_gelu")
-        lm_folder, query_key_norms = language_model, {}
+        lm_folder, query_key_norms, config_changes = language_model, {}, []
         if is_mosaic_gpt(model_config_dict(language_model)):
             local = language_model if os.path.isdir(language_model) else download_without_code(language_model)
-            lm_folder, query_key_norms = write_mosaic_gpt_as_mpt(local, Path(scratch) / "lm", DTYPES[dtype])
+            lm_folder, query_key_norms, config_changes = write_mosaic_gpt_as_mpt(local, Path(scratch) / "lm", DTYPES[dtype])
         text_config = AutoConfig.from_pretrained(lm_folder)
         if text_config.model_type == "mpt":
             check_mpt_config(text_config)
@@ -120,7 +120,7 @@ def convert_open_flamingo(
         summary = place_checkpoint(
             model, checkpoint, original_vocab_size=text_config.vocab_size, init_missing_token_rows=init_missing_token_rows
         )
-        summary.left_out = left_out
+        summary.left_out, summary.config_changes = left_out, config_changes
         check_token_rows(model, processor.tokenizer, pad_token_added=pad_token_added)
         base_models = base_models or [str(open_clip_visual or vision), str(language_model)]
         model.config.vision_config._name_or_path, model.config.text_config._name_or_path = base_models
