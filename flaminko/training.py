@@ -452,7 +452,16 @@ def parse_arguments(argv=None):
     else:
         values = vars(parser.parse_args(argv))
     check_precision(values)
+    if launched_on_several_cpu_processes(values):
+        values["use_cpu"] = True
     return parser.parse_dict(values)
+
+
+def launched_on_several_cpu_processes(values: dict) -> bool:
+    """torchrun (or another launcher) started several processes on a machine without a GPU. Without
+    --use_cpu the Trainer would not take them for one distributed run, and each would train a copy of
+    its own into the same folder; with it they train as one DDP run over gloo."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not values.get("use_cpu") and not torch.accelerator.is_available()
 
 
 def main(argv=None):
