@@ -230,7 +230,7 @@ class FlaminkoGatedCrossAttentionBlock(GradientCheckpointingLayer):
     """x + tanh(attn_gate) * cross_attn(x, media); then x + tanh(ff_gate) * ff(x). Zero gates: identity.
 
     Under gradient checkpointing it is recomputed in the backward pass like the decoder layers; the
-    media keys and values it reads are inputs, projected once per call (invariant 5)."""
+    media keys and values it reads are inputs, projected once per call, not per decoding step."""
 
     def __init__(self, config: FlaminkoConfig):
         super().__init__()
@@ -314,7 +314,7 @@ class _KeepNewTokenRows:
 def _register_project_media_with_fsdp(blocks):
     """FSDP2 (`fully_shard`, as accelerate's FSDP config applies it to the gated blocks) gathers a
     sharded module's weights around its forward only, and the media keys and values are projected
-    once per call outside it (invariant 5): their method is registered as a forward method of each
+    once per call outside it (not per decoding step): their method is registered as a forward method of each
     sharded block, once (registering wraps the method on the instance)."""
     if not torch.distributed.is_available():
         return

@@ -2,8 +2,8 @@
 
 evaluate.py cannot be imported here (open_clip, torchvision, nltk), so its prompt-building loops
 are taken out of its source with `ast` and run as they are, on the same demonstrations, with the
-prompt methods of OpenFlamingo's eval model (eval/models/open_flamingo.py, not in the wheel:
-REFERENCE.md section 1)."""
+prompt methods of OpenFlamingo's eval model (eval/models/open_flamingo.py, which its wheel does
+not ship)."""
 
 import ast
 import importlib.util

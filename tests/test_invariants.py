@@ -1,4 +1,6 @@
-"""DESIGN.md invariants 2-6 on tiny models."""
+"""On tiny models: the LM's parameter names stay its own; no conditioning state outlives a call
+(threads, nested calls, gradient checkpointing); a sample's output does not depend on its batch; image
+work is done once per call; eager and sdpa attention agree."""
 
 import threading
 

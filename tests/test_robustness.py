@@ -118,7 +118,7 @@ def test_processor_round_trips_random_interleavings(model_and_processor, parts):
 
 
 def reference_mask(input_ids, media_token_id, num_images, num_latents, only_immediate):
-    """REFERENCE section 1, written out: text_time = cumsum(<image>); a token sees latents of image j
+    """OpenFlamingo's media mask (its MaskedCrossAttention), written out: text_time = cumsum(<image>); a token sees latents of image j
     when text_time == j (or >= j); rows with text_time == 0 see nothing."""
     text_time = (input_ids == media_token_id).long().cumsum(-1)
     media_time = torch.arange(1, num_images + 1).repeat_interleave(num_latents)

@@ -1,8 +1,7 @@
 """Every prompt string and decoding default of the evaluation, in one place.
 
 The facts come from OpenFlamingo's evaluation (`open_flamingo/eval/evaluate.py` and its
-`models/open_flamingo.py`; /work/shared/REFERENCE.md section 1, "Evaluation prompts" and
-"Evaluation harness"):
+`models/open_flamingo.py`):
 
 - captioning: `<image>Output:{caption}<|endofchunk|>`
 - VQA: `<image>Question:{question} Short answer:{answer}<|endofchunk|>`
