@@ -1,5 +1,7 @@
 """What README.md and docs/*.md name exists: every repository path, every `flaminko.*` module or
-attribute, and every option of every `flaminko` command line in their shell blocks."""
+attribute, and every option of every `flaminko` command line in their shell blocks; and their Python
+blocks run, on tiny local backbones in place of the Hub names, unless the page marks one as not run
+and says why."""
 
 import functools
 import importlib
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -94,3 +97,71 @@ def test_every_option_of_a_flaminko_command_line_exists(page):
             accepted = help_text(tuple(subcommand))
             unknown += [f"flaminko {' '.join(subcommand)} {option}" for option in options if not re.search(rf"{re.escape(option)}\b", accepted)]
     assert not unknown, unknown
+
+
+# A page marks a Python block the tests do not run with this comment on the line before it, giving why.
+NOT_RUN = re.compile(r"<!-- not run by the tests: (.+?) -->\n```python\n")
+# The Hub names of the snippets, and what stands in for them here (tiny local backbones, built below).
+HUB_NAMES = {'"openai/clip-vit-large-patch14"': "vision", '"EleutherAI/polyglot-ko-1.3b"': "gpt_neox", '"ViT-L-14"': "vision"}
+
+
+def python_blocks(page: Path) -> list[tuple[int, str]]:
+    """(number, code) of each Python block the tests run."""
+    page_text = text(page)
+    skipped = {match.end() for match in NOT_RUN.finditer(page_text)}
+    blocks = re.finditer(r"```python\n(.*?)```", page_text, flags=re.S)
+    return [(number, match.group(1)) for number, match in enumerate(blocks) if match.start(1) not in skipped]
+
+
+SNIPPETS = [(page, number, code) for page in PAGES for number, code in python_blocks(page)]
+
+
+def test_every_python_block_not_run_says_why():
+    for page in PAGES:
+        marked = len(NOT_RUN.findall(text(page)))
+        assert len(re.findall(r"```python\n", text(page))) == len(python_blocks(page)) + marked, page.name
+        assert all(reason.strip() for reason in NOT_RUN.findall(text(page)))
+
+
+@pytest.fixture(scope="module")
+def snippet_folder(backbones, tmp_path_factory):
+    """A working folder as a page's reader has it after `flaminko demo` and a training run: a saved
+    model at flaminko-demo/run/final and runs/ko/final, caption tables test.tsv and train.tsv."""
+    from conftest import build_model, noise_image
+
+    folder = tmp_path_factory.mktemp("reader")
+    model, processor = build_model(backbones)
+    for saved in ("flaminko-demo/run/final", "runs/ko/final"):
+        model.save_pretrained(folder / saved)
+        processor.save_pretrained(folder / saved)
+    for table, rows in (("test.tsv", range(4)), ("train.tsv", range(4, 14))):
+        lines = ["image\tcaption"]
+        for row in rows:
+            noise_image(row).save(folder / f"{row}.png")
+            lines.append(f"{row}.png\t빨간색 원" if row % 2 else f"{row}.png\t파란색 네모")
+        (folder / table).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("page, number, code", SNIPPETS, ids=[f"{page.name}#{number}" for page, number, _ in SNIPPETS])
+def test_python_block_runs(page, number, code, snippet_folder, backbones, monkeypatch):
+    from conftest import build_model, noise_image
+
+    for hub_name, family in HUB_NAMES.items():
+        code = code.replace(hub_name, repr(str(backbones[family])))
+    monkeypatch.chdir(snippet_folder)
+    model, processor = build_model(backbones)
+    images = {name: noise_image(seed) for seed, name in enumerate(["image", "image_a", "image_b", "query_image", "other_image", "demo_image"])}
+    size = model.config.vision_config.image_size
+    lang_x = processor.tokenizer(["<image>Output:"], return_tensors="pt")
+    names = {
+        **images,
+        "model": model,
+        "processor": processor,
+        "batch": processor(text="<image>Output:", images=[images["image"]]),
+        "catalogue_images": [noise_image(seed) for seed in range(10, 14)],
+        "frames": [noise_image(seed) for seed in range(20, 22)],
+        "vision_x": torch.randn(1, 1, 1, 3, size, size),
+        "lang_x": lang_x,
+    }
+    exec(compile(code, f"{page.name} block {number}", "exec"), names)
