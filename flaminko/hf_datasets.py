@@ -145,6 +145,49 @@ def image_source(cell, root: Path):
     return str(root / cell) if isinstance(cell, str) and cell else None
 
 
+class DatasetImage:
+    """The image of one dataset row, read when used: an evaluation set can hold far more images than
+    memory. Its name (`str`) stands for it in the predictions and in RICES' cache key."""
+
+    def __init__(self, cells, row: int, column: str, root: Path, name: str):
+        self.cells, self.row, self.column, self.root, self.name = cells, row, column, root, name
+
+    def open(self) -> Image.Image:
+        found = image_source(self.cells[self.row][self.column], self.root)
+        if found is None:
+            raise ValueError(f"{self.name}: the row has no image")
+        try:
+            return decode_image_file(found)
+        except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"{self.name}: cannot read the row's image ({error})") from error
+
+    def __str__(self):
+        return self.name
+
+
+def openable(image):
+    """What load_image takes for an image of an evaluation sample: a DatasetImage opened, else as it is."""
+    return image.open() if isinstance(image, DatasetImage) else image
+
+
+def row_images(dataset, column: str, root: Path, label: str) -> list:
+    """One image per row, for an evaluation set: a path where the cell names a file (checked like any
+    image path), else a DatasetImage. When the first row holds its image's bytes, the rows are not read
+    now (that would read every image)."""
+    cells = dataset.select_columns([column])
+    first = cells[0][column] if len(cells) else None
+    if isinstance(first, dict) and first.get("bytes"):
+        return [DatasetImage(cells, row, column, root, f"{label}[{row}]") for row in range(len(cells))]
+    images = []
+    for row, record in enumerate(cells):
+        url = image_url(record[column])
+        if url:
+            refuse_url(url, column, row, label)
+        found = image_source(record[column], root)
+        images.append(found if isinstance(found, str) else DatasetImage(cells, row, column, root, f"{label}[{row}]"))
+    return images
+
+
 def default_root(source) -> Path:
     """Where image paths of a dataset are relative to: a local dataset's folder, else the working folder."""
     path = Path(str(source))
