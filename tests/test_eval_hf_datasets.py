@@ -6,29 +6,15 @@ import re
 
 import pytest
 
+from fake_hub import write_dataset_repo
 from test_eval_runner import data, model_folder  # noqa: F401  (fixtures)
 from flaminko.cli import main
 from flaminko.evaluation import evaluate
 
 datasets = pytest.importorskip("datasets")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
-HUB_README = """---
-configs:
-- config_name: default
-  data_files:
-  - split: validation
-    path: data/validation-*.parquet
-  - split: train
-    path: data/train-*.parquet
----
-"""
 OPTIONS = dict(max_new_tokens=3, num_beams=1, batch_size=4, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def offline_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
 def image_cell(path):
@@ -52,9 +38,6 @@ def hub(data, tmp_path_factory):  # noqa: F811
         "image": [image_cell(images / f"COCO_val2014_{q['image_id']:012d}.jpg") for q in questions],
         "answers": [answers[q["question_id"]] for q in questions],
     }, features=features)  # fmt: skip
-    (root / "hub" / "data").mkdir(parents=True)
-    (root / "hub" / "README.md").write_text(HUB_README)
-    validation.to_parquet(str(root / "hub" / "data" / "validation-00000-of-00001.parquet"))
     validation.to_parquet(str(root / "vqav2.parquet"))
     table = [line.split("\t") for line in data["vqa_tsv"].read_text().splitlines()[1:]]
     train = datasets.Dataset.from_dict({  # one schema for both splits, as a Hub configuration has; ids as the table's rows
@@ -62,7 +45,7 @@ def hub(data, tmp_path_factory):  # noqa: F811
         "image": [image_cell(data["root"] / image) for image, _, _ in table],
         "answers": [[{"answer": answer} for answer in a.split("|")] for _, _, a in table],
     }, features=features)  # fmt: skip
-    train.to_parquet(str(root / "hub" / "data" / "train-00000-of-00001.parquet"))
+    write_dataset_repo(root / "hub", {"validation": [validation], "train": [train]})
     karpathy = [entry for entry in json.loads(data["karpathy"].read_text())["images"] if entry["split"] == "test"]
     datasets.Dataset.from_dict({
         "image_id": [entry["cocoid"] for entry in karpathy], "file_name": [f"images/{entry['filename']}" for entry in karpathy],

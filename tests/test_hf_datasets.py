@@ -10,15 +10,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 
-from conftest import build_model, noise_image
+from conftest import noise_image
+from fake_hub import write_dataset_repo
 from test_cli import assert_one_line_error, in_process
 
 datasets = pytest.importorskip("datasets")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 from datasets.distributed import split_dataset_by_node  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
@@ -28,30 +29,12 @@ from flaminko.hf_datasets import CaptionRows, StreamedCaptions, load_source  # n
 from flaminko.training import DataArguments, FlaminkoTrainer, load_datasets  # noqa: E402
 
 ROWS = 24
-HUB_README = """---
-configs:
-- config_name: ko
-  data_files:
-  - split: train
-    path: data/train-*.parquet
-  - split: validation
-    path: data/validation-*.parquet
----
-# A caption dataset laid out as a Hub dataset repo
-"""
 
 
 def png_bytes(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(autouse=True)
-def offline_cache(tmp_path, monkeypatch):
-    """datasets' Arrow cache in the test's folder, and the Hub unreachable by construction."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +55,8 @@ def forms(tmp_path_factory):
     table = datasets.Dataset.from_dict({"image": cells, "caption": captions}, features=features)
     table.to_parquet(str(root / "captions.parquet"))
     table.save_to_disk(str(root / "saved"))
-    (root / "hub" / "data").mkdir(parents=True)
-    (root / "hub" / "README.md").write_text(HUB_README, encoding="utf-8")
-    table.select(range(12)).to_parquet(str(root / "hub" / "data" / "train-00000-of-00002.parquet"))
-    table.select(range(12, ROWS)).to_parquet(str(root / "hub" / "data" / "train-00001-of-00002.parquet"))
-    table.select(range(4)).to_parquet(str(root / "hub" / "data" / "validation-00000-of-00001.parquet"))
+    shards = [table.select(range(12)), table.select(range(12, ROWS))]
+    write_dataset_repo(root / "hub", {"train": shards, "validation": [table.select(range(4))]}, config_name="ko")
     paths = datasets.Dataset.from_dict({"file_name": [f"images/{row}.png" for row in range(ROWS)], "text": captions})
     paths.to_parquet(str(root / "paths.parquet"))  # image paths relative to the file, under other column names
     return root
@@ -202,13 +182,13 @@ def test_without_the_datasets_package_one_line_says_to_install_it(forms, backbon
 
 KILLABLE = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, signal, sys
     from transformers import TrainerCallback, TrainingArguments
     from flaminko import training
     from flaminko.data import FlaminkoCollator
     from flaminko.training import DataArguments, ModelArguments, train
 
-    vision, language, source, out, resume, slow = sys.argv[1:7]
+    vision, language, source, out, resume, kill_at = sys.argv[1:7]
 
     # Each batch's captions as it is read from the stream, and as it is trained.
     collate = FlaminkoCollator.__call__
@@ -226,15 +206,16 @@ KILLABLE = textwrap.dedent(
         return step(self, model, inputs, num_items_in_batch)
     training.FlaminkoTrainer.training_step = logged_step
 
-    class Slow(TrainerCallback):
+    class KillAt(TrainerCallback):  # a SIGKILL as from outside, at the end of a step after checkpoint-2
         def on_step_end(self, args, state, control, **kwargs):
-            time.sleep(float(slow))
+            if state.global_step == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
 
     init = training.FlaminkoTrainer.__init__
-    def with_slow(self, *a, **k):
+    def with_kill(self, *a, **k):
         init(self, *a, **k)
-        self.add_callback(Slow())
-    training.FlaminkoTrainer.__init__ = with_slow
+        self.add_callback(KillAt())
+    training.FlaminkoTrainer.__init__ = with_kill
     train(
         ModelArguments(vision_model=vision, language_model=language),
         DataArguments(train_data=source, streaming=True),
@@ -253,34 +234,29 @@ def test_a_streamed_run_killed_and_resumed_reads_on_from_its_checkpoint(backbone
     script.write_text(KILLABLE)
     environment = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
 
-    def command(out, resume, slow):
+    def command(out, resume, kill_at=0):
         source = forms / "captions.parquet"
-        return [sys.executable, str(script), str(backbones["vision"]), str(backbones["gpt_neox"]), str(source), str(out), resume, slow]
+        return [sys.executable, str(script), str(backbones["vision"]), str(backbones["gpt_neox"]), str(source), str(out), resume, str(kill_at)]
 
     def trained(out, resume, log="trained"):
         return [json.loads(line) for line in (out / f"{log}-by-resume-{resume}.jsonl").read_text().splitlines()]
 
-    whole = subprocess.run(command(tmp_path / "whole", "no", "0"), capture_output=True, text=True, timeout=600, env=environment)
+    whole = subprocess.run(command(tmp_path / "whole", "no"), capture_output=True, text=True, timeout=600, env=environment)
     assert whole.returncode == 0, whole.stderr[-3000:]
     batches = trained(tmp_path / "whole", "no")
     captions = [caption for batch in batches for caption in batch]
     assert len(batches) == 5 and len(set(captions)) == len(captions) == 20  # one pass: every row once
 
     killed = tmp_path / "killed"
-    job = subprocess.Popen(command(killed, "no", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-2").exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.1)
-    os.kill(job.pid, signal.SIGKILL)
-    job.wait()
-    assert job.returncode == -signal.SIGKILL and not (killed / "final").exists()
+    job = subprocess.run(command(killed, "no", kill_at=3), capture_output=True, text=True, timeout=600, env=environment)
+    assert job.returncode == -signal.SIGKILL, job.stderr[-3000:]
+    assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"] and not (killed / "final").exists()
     assert (killed / "checkpoint-2" / "stream-state-rank0.json").is_file()
-    checkpoint = max(int(path.name.split("-")[1]) for path in killed.glob("checkpoint-*"))  # where the resume starts
-    resumed = subprocess.run(command(killed, "yes", "0"), capture_output=True, text=True, timeout=600, env=environment)
+    resumed = subprocess.run(command(killed, "yes"), capture_output=True, text=True, timeout=600, env=environment)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    before, after = trained(killed, "no")[:checkpoint], trained(killed, "yes")
-    assert before + after == batches  # the steps before the checkpoint, then on from it: no example twice
-    assert trained(killed, "yes", log="read")[0] == batches[checkpoint]  # the stream was not read again from its start
+    before, after = trained(killed, "no")[:2], trained(killed, "yes")
+    assert before + after == batches  # the steps before checkpoint-2, then on from it: no example twice
+    assert trained(killed, "yes", log="read")[0] == batches[2]  # the stream was not read again from its start
     a, b = load_file(tmp_path / "whole" / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
