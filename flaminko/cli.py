@@ -138,15 +138,26 @@ def _add_eval(commands):
 
     option("--model", required=True, help="Flaminko folder or Hub id")
     option("--task", required=True, choices=("captioning", "vqa", "classification"))
-    option("--data", required=True, help="queries: Karpathy JSON, VQA questions JSON, or TSV/CSV/JSONL")
+    option(
+        "--data",
+        required=True,
+        help="queries: Karpathy JSON, VQA questions JSON, or TSV/CSV/JSONL; or a Hugging Face dataset (a Hub id, "
+        "a .parquet file or a folder of them, a save_to_disk folder)",
+    )
     option("--annotations", help="VQAv2 / OK-VQA annotations JSON of --data")
     option("--support", help="support set the demonstrations come from (same formats)")
     option("--support_annotations", help="VQAv2 / OK-VQA annotations JSON of --support")
     option("--class_names", help="classification: class names, one a line, or a JSON list")
     option("--image_root", help="folder of --data's images (default: the data file's folder)")
     option("--support_image_root", help="folder of --support's images")
-    option("--split", default="test", help="Karpathy split of --data (default test)")
-    option("--support_split", default="train", help="Karpathy split of --support (default train, with restval)")
+    option("--split", default="test", help="Karpathy or Hugging Face dataset split of --data (default test)")
+    option("--support_split", default="train", help="Karpathy (with restval) or Hugging Face dataset split of --support (default train)")
+    option("--config", help="the configuration (subset) of a Hub dataset given as --data or --support")
+    option("--image_column", help="a Hugging Face dataset's image column (default: the first of image, img, image_path, file_name)")
+    option("--text_column", help="captioning: its captions column (default: the first of caption, captions, text, sentences)")
+    option("--question_column", help="VQA: its question column (default: question)")
+    option("--answers_column", help="VQA: its answers column (default: the first of answers, answer)")
+    option("--label_column", help="classification: its label column (default: the first of label, class_name)")
     option("--shots", type=int, nargs="+", default=[0], help="e.g. --shots 0 4 8 16 32")
     option("--trials", type=int, default=1, help="seeds per shot count (mean and std reported)")
     option("--seed", type=int, default=42)

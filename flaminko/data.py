@@ -58,16 +58,42 @@ def caption_problem(caption, *, hangul_only: bool = False) -> str | None:
     return None
 
 
-def image_problem(path: Path) -> str | None:
-    """Why an image file is skipped (checked without decoding all of it), or None."""
+def image_problem(source) -> str | None:
+    """Why an image (a path, or a binary file object such as a dataset cell's bytes) is skipped, checked
+    without decoding all of it, or None."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.verify()
     except FileNotFoundError:
         return "missing image file"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return "unreadable image"
     return None
+
+
+class Skipped(Counter):
+    """Rows left out, counted by reason; `note` also keeps the first rows of each reason, so that the
+    report can name them (sources with row numbers: Hugging Face datasets)."""
+
+    SHOWN = 3
+
+    def __init__(self):
+        super().__init__()
+        self.rows = {}
+
+    def note(self, reason: str, row: int):
+        self[reason] += 1
+        shown = self.rows.setdefault(reason, [])
+        if len(shown) < self.SHOWN:
+            shown.append(row)
+
+    def __str__(self):
+        parts = []
+        for reason, count in self.items():
+            rows = self.rows.get(reason)
+            named = f" ({'row' if count == 1 else 'rows'} {', '.join(map(str, rows))}{', ...' if count > len(rows) else ''})" if rows else ""
+            parts.append(f"{count} {reason}{named}")
+        return ", ".join(parts)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -115,7 +141,7 @@ class CaptionTable(Dataset):
             raise ValueError(
                 f"{str(path)!r} needs {caption_column!r} and {image_column!r} columns; it has {sorted(rows[0])}"
             )
-        self.skipped = Counter()
+        self.skipped = Skipped()
         self.samples = []
         for row in tqdm(rows, desc=f"checking {path.name}", unit="row", disable=len(rows) < 1000):
             image_path = path.parent / str(row.get(image_column) or "")
@@ -144,7 +170,7 @@ class CaptionShards(IterableDataset):
             raise ImportError("Tar shards need webdataset: pip install 'flaminko[train]'") from error
         self.urls = urls
         self.hangul_only = hangul_only
-        self.skipped = Counter()
+        self.skipped = Skipped()
         self._webdataset = webdataset
 
     def __iter__(self):
@@ -188,7 +214,7 @@ class InterleavedDocuments(Dataset):
 
     def __init__(self, path, *, max_images=6):
         path = Path(path)
-        self.skipped = Counter()
+        self.skipped = Skipped()
         self.samples = []
         for document in read_jsonl(path):
             sample = self._build(document, path.parent, max_images)
@@ -271,6 +297,11 @@ def replace_words_at_random(input_ids: torch.Tensor, words: torch.Tensor, probab
     return noisy
 
 
+# The key under which a streamed sample carries the stream's position after its row
+# (flaminko.hf_datasets.StreamedCaptions); the collator passes the last one on with the batch.
+STREAM_STATE = "stream_state"
+
+
 class FlaminkoCollator:
     """Pads a list of samples into model inputs, right-padded, with labels: -100 on padding and on
     <image> tokens, and for interleaved documents OpenFlamingo's between-chunk mask too.
@@ -280,7 +311,8 @@ class FlaminkoCollator:
     true ones: the LM cannot predict a word from the words before it alone, and leans on the image.
 
     The Trainer must pass the raw samples: use remove_unused_columns=False (the samples' `text`
-    and `images` are not arguments of the model's forward).
+    and `images` are not arguments of the model's forward). Streamed samples' positions come out as
+    the batch's `stream_state`, which the trainer takes off before the forward.
     """
 
     def __init__(self, processor, *, max_length: int = 32, interleaved: bool = False, word_noise: float = 0.0):
@@ -293,7 +325,7 @@ class FlaminkoCollator:
         tokenizer = processor.tokenizer
         special = (processor.image_token_id, processor.end_of_chunk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
         self.not_words = torch.tensor([token for token in special if token is not None])
-        self.skipped = Counter()
+        self.skipped = Skipped()
 
     def __call__(self, samples):
         if samples and "text" not in samples[0]:
@@ -306,7 +338,7 @@ class FlaminkoCollator:
         for sample in samples:
             try:
                 loaded = [load_image(image) for image in sample["images"]]
-            except ValueError:
+            except (ValueError, OSError):  # OSError: PIL's, from an image opened lazily (a dataset cell's bytes)
                 self.skipped["unreadable image"] += 1
                 continue
             texts.append(sample["text"] + eos)
@@ -332,4 +364,6 @@ class FlaminkoCollator:
         if self.word_noise:
             words = batch["attention_mask"].bool() & ~torch.isin(input_ids, self.not_words)
             batch["input_ids"] = replace_words_at_random(input_ids, words, self.word_noise)
+        if STREAM_STATE in samples[-1]:
+            batch[STREAM_STATE] = samples[-1][STREAM_STATE]
         return batch

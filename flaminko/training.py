@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from . import register_auto_classes
-from .data import CAPTION_CHAT_TEMPLATE, CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
+from .data import CAPTION_CHAT_TEMPLATE, STREAM_STATE, CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
+from .hf_datasets import STREAM_STATE_FILE, CaptionRows, StreamedCaptions, is_datasets_source, load_source
 from .hub import check_model_source
 from .modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
 
@@ -56,9 +58,27 @@ class ModelArguments:
 class DataArguments:
     _argument_group_name = "Flaminko: the data"
 
-    train_data: str = field(metadata={"help": "a caption table (.tsv/.csv/.jsonl), tar shards, or interleaved .jsonl"})
+    train_data: str = field(
+        metadata={
+            "help": "a caption table (.tsv/.csv/.jsonl), tar shards, or interleaved .jsonl; or a Hugging Face dataset: "
+            "a Hub dataset id, a .parquet file or a folder of them, a save_to_disk folder"
+        }
+    )
     data_format: str = field(default="captions", metadata={"help": "captions | webdataset | interleaved"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out data in the same format"})
+    split: str = field(default="train", metadata={"help": "the split of a Hugging Face dataset given as --train_data"})
+    eval_split: str = field(default="validation", metadata={"help": "the split of a Hugging Face dataset given as --eval_data"})
+    config: str | None = field(default=None, metadata={"help": "the configuration (subset) of a Hub dataset"})
+    image_column: str | None = field(
+        default=None, metadata={"help": "a Hugging Face dataset's image column (default: the first of image, img, image_path, file_name)"}
+    )
+    text_column: str | None = field(
+        default=None, metadata={"help": "a Hugging Face dataset's caption column (default: the first of caption, captions, text, sentences)"}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "read a Hugging Face --train_data as a stream, without loading it whole, each process its own part (needs --max_steps)"},
+    )
     eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of the training data instead"})
     max_length: int | None = field(default=None, metadata={"help": "tokens per sample (default 32, interleaved 256)"})
     max_images: int = field(default=6, metadata={"help": "images per interleaved document"})
@@ -106,6 +126,26 @@ class FlaminkoTrainer(Trainer):
     """
 
     _staging_checkpoint = False
+    # Streamed data: where this process's stream stands after the last batch trained (saved with checkpoints).
+    stream_state = None
+
+    def get_train_dataloader(self):
+        if not isinstance(self.train_dataset, StreamedCaptions):
+            return super().get_train_dataloader()
+        from accelerate.data_loader import prepare_data_loader
+
+        loader = DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator)
+        # Each process already reads its own part of the stream (split_dataset_by_node): accelerate is told
+        # it is alone, so that it neither hands the main process's batches out nor shards them again.
+        return prepare_data_loader(
+            loader, self.accelerator.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False
+        )
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        # A resumed stream already starts after its saved position (StreamedCaptions.resume): nothing to skip.
+        if isinstance(self.train_dataset, StreamedCaptions):
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [
@@ -115,6 +155,8 @@ class FlaminkoTrainer(Trainer):
         ]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if STREAM_STATE in inputs:
+            self.stream_state = inputs.pop(STREAM_STATE)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -138,12 +180,18 @@ class FlaminkoTrainer(Trainer):
                 super()._save_checkpoint(model, trial)
         finally:
             self._staging_checkpoint = False
+        staged_dir = os.path.join(run_dir, STAGING, name)
+        if self.stream_state is not None:  # every process its own position, inside the checkpoint before it appears
+            os.makedirs(staged_dir, exist_ok=True)
+            state_file = os.path.join(staged_dir, STREAM_STATE_FILE.format(rank=self.args.process_index))
+            with open(state_file, "w", encoding="utf-8") as handle:
+                json.dump(self.stream_state, handle)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            staged, final = os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name)
+            final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)
-            os.replace(staged, final)
+            os.replace(staged_dir, final)
             with suppress(OSError):  # only when empty: a crashed save's leftovers stay for inspection
                 os.rmdir(os.path.join(run_dir, STAGING))
             best = self.state.best_model_checkpoint
@@ -280,6 +328,8 @@ def _check_data_path(path: str, option: str, data_format: str):
         if "{" in path or "://" in path or path.startswith("pipe:") or glob.glob(path):
             return
         raise FileNotFoundError(f"{option} {path}: no shard matches it")
+    if data_format == "captions" and is_datasets_source(path):
+        return  # datasets' own loading code names what it cannot find
     if not os.path.isfile(path):
         kind = "a folder, not a file" if os.path.isdir(path) else "no such file"
         raise FileNotFoundError(f"{option} {path}: {kind}")
@@ -295,41 +345,66 @@ def check_data_paths(args: DataArguments):
         raise ValueError("Give --eval_data or --eval_fraction, not both")
     if not 0 <= args.word_noise <= 1:
         raise ValueError(f"--word_noise must be in [0, 1], got {args.word_noise}")
+    if args.streaming and not (args.data_format == "captions" and is_datasets_source(args.train_data)):
+        raise ValueError(
+            "--streaming reads a Hugging Face dataset given as --train_data (a Hub id, Parquet, a save_to_disk folder); "
+            "tables are read whole, and webdataset shards always stream"
+        )
     _check_data_path(args.train_data, "--train_data", args.data_format)
     if args.eval_data:
         _check_data_path(args.eval_data, "--eval_data", args.data_format)
 
 
-def load_datasets(args: DataArguments, seed: int):
+def load_datasets(args: DataArguments, training_args: TrainingArguments):
     """(train, eval) datasets, checked: paths, columns, at least one usable row, a split that leaves
     rows on both sides. Runs before the model is built."""
     check_data_paths(args)
 
-    def read(path, option):
-        if args.data_format == "captions":
-            dataset = CaptionTable(path, hangul_only=args.hangul_only)
+    def read(path, option, split, split_option):
+        if args.data_format == "captions" and is_datasets_source(path):
+            columns = {"image_column": args.image_column, "text_column": args.text_column, "hangul_only": args.hangul_only}
+            streamed = args.streaming and option == "--train_data"
+            dataset = load_source(path, split=split, config=args.config, streaming=streamed, option=option, split_option=split_option)
+            if streamed:
+                from datasets.distributed import split_dataset_by_node
+
+                part = split_dataset_by_node(dataset, rank=training_args.process_index, world_size=training_args.world_size)
+                return StreamedCaptions(part, source=path, **columns)
+            dataset = CaptionRows(dataset, source=path, **columns)
+        elif args.data_format == "captions":
+            dataset = CaptionTable(
+                path, caption_column=args.text_column or "caption", image_column=args.image_column or "image", hangul_only=args.hangul_only
+            )
         elif args.data_format == "interleaved":
             dataset = InterleavedDocuments(path, max_images=args.max_images)
         else:
             # A glob of local shards, or webdataset's brace notation (shard-{000..009}.tar) as it is.
             return CaptionShards(sorted(glob.glob(path)) or path, hangul_only=args.hangul_only)
-        skipped = dict(getattr(dataset, "skipped", None) or {})
+        skipped = dataset.skipped
         if skipped:
             print(f"{option} {path}: skipped {skipped}")
         if len(dataset) == 0:
-            reasons = f" (skipped: {', '.join(f'{count} {reason}' for reason, count in skipped.items())})" if skipped else ""
+            reasons = f" (skipped: {skipped})" if skipped else ""
             raise ValueError(f"{option} {path}: no usable {'documents' if args.data_format == 'interleaved' else 'rows'}{reasons}")
         return dataset
 
-    train = read(args.train_data, "--train_data")
-    evaluation = read(args.eval_data, "--eval_data") if args.eval_data else None
+    train = read(args.train_data, "--train_data", args.split, "--split")
+    evaluation = read(args.eval_data, "--eval_data", args.eval_split, "--eval_split") if args.eval_data else None
+    if isinstance(train, (CaptionShards, StreamedCaptions)):
+        if args.eval_fraction > 0:
+            raise ValueError("A stream cannot be split: give --eval_data instead of --eval_fraction")
+        if training_args.max_steps <= 0:
+            raise ValueError("A stream has no length to count epochs by: give --max_steps")
+    if isinstance(train, StreamedCaptions) and training_args.dataloader_num_workers > 0:
+        raise ValueError(
+            "--streaming reads the stream in each training process itself (its position is saved with every checkpoint): "
+            "leave --dataloader_num_workers at 0"
+        )
     if args.eval_fraction > 0:
-        if isinstance(train, CaptionShards):
-            raise ValueError("Streamed shards cannot be split: give --eval_data instead of --eval_fraction")
         held_out = max(1, int(len(train) * args.eval_fraction))
         if held_out >= len(train):
             raise ValueError(f"--eval_fraction {args.eval_fraction} of {len(train)} rows leaves none to train on")
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(training_args.seed)
         train, evaluation = torch.utils.data.random_split(train, [len(train) - held_out, held_out], generator=generator)
     return train, evaluation
 
@@ -339,7 +414,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     the data are checked before anything is built or written."""
     check_sharding(training_args)
     check_model_arguments(model_args)
-    train_data, eval_data = load_datasets(data_args, training_args.seed)
+    train_data, eval_data = load_datasets(data_args, training_args)
+    checkpoint = training_args.resume_from_checkpoint
+    if isinstance(checkpoint, bool):  # True: the latest checkpoint of --output_dir, as the Trainer takes it
+        checkpoint = get_last_checkpoint(training_args.output_dir) if checkpoint and os.path.isdir(training_args.output_dir) else None
+    if checkpoint and isinstance(train_data, StreamedCaptions):
+        train_data.resume(checkpoint, training_args.process_index)
     # The collator builds the model inputs from the samples' text and images, which are not
     # arguments of forward: the Trainer must hand the samples over untouched.
     training_args.remove_unused_columns = False

@@ -44,3 +44,13 @@ def noise_image(seed, size=(36, 36)):
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy())
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """The datasets package, its Arrow cache in the test's folder and the Hub unreachable by construction
+    (the test is skipped where datasets is not installed)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return datasets

@@ -1,5 +1,6 @@
 """A local stand-in for the Hugging Face Hub's HTTP API, on loopback: enough of repo creation,
-preupload and commit for huggingface_hub's create_repo and upload_folder. Received files are kept."""
+preupload and commit for huggingface_hub's create_repo and upload_folder. Received files are kept.
+And a dataset repo's files laid out locally as on the Hub (write_dataset_repo)."""
 
 import base64
 import json
@@ -99,3 +100,17 @@ class FakeHub:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+def write_dataset_repo(folder, splits: dict, config_name: str = "default"):
+    """A folder laid out as a Hub dataset repo: each split's datasets.Dataset shards as
+    data/{split}-{i:05d}-of-{n:05d}.parquet, and README.md metadata naming them under `config_name`,
+    as the Hub's Parquet conversions are; datasets' load_dataset reads it as it reads a Hub id."""
+    (folder / "data").mkdir(parents=True)
+    files = []
+    for split, shards in splits.items():
+        for index, shard in enumerate(shards):
+            shard.to_parquet(str(folder / "data" / f"{split}-{index:05d}-of-{len(shards):05d}.parquet"))
+        files.append({"split": split, "path": f"data/{split}-*.parquet"})
+    card = yaml.safe_dump({"configs": [{"config_name": config_name, "data_files": files}]}, sort_keys=False)
+    (folder / "README.md").write_text(f"---\n{card}---\n", encoding="utf-8")

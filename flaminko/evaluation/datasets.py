@@ -10,6 +10,13 @@
   from a table whose "label" is a class name or an index into the class names.
 
 Image paths are relative to `image_root` (default: the data file's folder).
+
+A Hugging Face dataset (a Hub id, a Parquet file or folder, a save_to_disk folder) gives one sample a
+row, its columns found by role (flaminko.hf_datasets.COLUMNS) or named: captioning an image and its
+captions (a list, a list of {"raw": ...} as in Karpathy's JSON, or one), VQA a question and its
+answers, classification a label (and "text" as the meme's text); the id is the row's question_id
+(VQA), id (classification) or image_id (captioning), else its row number. Images stay in the dataset
+until used (flaminko.hf_datasets.DatasetImage) unless the rows name files.
 """
 
 import json
@@ -17,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..data import read_table
+from ..hf_datasets import column_names, default_root, find_column, is_datasets_source, load_source, row_images, with_undecoded_images
 
 TASKS = ("captioning", "vqa", "classification")
 
@@ -39,8 +47,9 @@ def _column(row: dict, names: tuple, path: Path):
 
 
 def check_images(samples: list[dict], source) -> list[dict]:
-    """Every sample's image file exists, or one error naming the missing ones."""
-    missing = [sample["image"] for sample in samples if not Path(sample["image"]).is_file()]
+    """Every sample's image file exists (images kept in a dataset are read when used), or one error
+    naming the missing ones."""
+    missing = [sample["image"] for sample in samples if isinstance(sample["image"], str) and not Path(sample["image"]).is_file()]
     if missing:
         shown = ", ".join(repr(str(path)) for path in missing[:3])
         raise ValueError(
@@ -192,24 +201,26 @@ def load_class_names(path_or_names) -> list[str]:
     return [str(name) for name in names]
 
 
+def _class_name(label, class_names: list[str], source) -> str:
+    """A row's label as a class name: a name, or an index into the class names."""
+    if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and label not in class_names):
+        if not 0 <= int(label) < len(class_names):
+            raise ValueError(f"{str(source)!r}: label {label} is not an index into the {len(class_names)} class names")
+        label = class_names[int(label)]
+    if label not in class_names:
+        raise ValueError(f"{str(source)!r}: label {label!r} is not one of the class names {class_names[:10]}")
+    return label
+
+
 def load_classification(path, class_names, image_root=None) -> list[dict]:
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     samples = []
     for number, row in enumerate(read_table(path)):
-        label = _column(row, ("label", "class_name"), path)
-        if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and label not in class_names):
-            if not 0 <= int(label) < len(class_names):
-                raise ValueError(
-                    f"{str(path)!r}: label {label} is not an index into the {len(class_names)} class names"
-                )
-            label = class_names[int(label)]
-        if label not in class_names:
-            raise ValueError(f"{str(path)!r}: label {label!r} is not one of the class names {class_names[:10]}")
         sample = {
             "id": row.get("id", number),
             "image": str(root / _column(row, ("image", "img"), path)),
-            "class_name": label,
+            "class_name": _class_name(_column(row, ("label", "class_name"), path), class_names, path),
         }
         if row.get("text") is not None:
             sample["ocr"] = row["text"]
@@ -217,7 +228,57 @@ def load_classification(path, class_names, image_root=None) -> list[dict]:
     return check_images(samples, path)
 
 
-def load_task_data(task: str, path, *, annotations=None, class_names=None, image_root=None, split=None) -> list[dict]:
+# The columns each task reads besides the image, and the one that gives a sample its id.
+TASK_COLUMNS = {"captioning": ("text",), "vqa": ("question", "answers"), "classification": ("label",)}
+ID_COLUMNS = {"captioning": "image_id", "vqa": "question_id", "classification": "id"}
+SPLIT_OPTIONS = {"--data": "--split", "--support": "--support_split"}
+
+
+def _captions(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [caption["raw"] if isinstance(caption, dict) else caption for caption in value]
+
+
+def load_dataset_rows(task: str, source, *, split, config=None, class_names=None, image_root=None, columns=None, option="--data") -> list[dict]:
+    """The samples of a Hugging Face dataset, one a row; `columns` maps image_column, text_column,
+    question_column, answers_column, label_column to the columns given (the others are found)."""
+    columns = columns or {}
+    dataset = load_source(source, split=split, config=config, option=option, split_option=SPLIT_OPTIONS[option])
+    names = column_names(dataset)
+    image_column = find_column(names, "image", columns.get("image_column"), source)
+    read = {role: find_column(names, role, columns.get(f"{role}_column"), source) for role in TASK_COLUMNS[task]}
+    id_column = ID_COLUMNS[task] if ID_COLUMNS[task] in names else None
+    ocr_column = "text" if task == "classification" and "text" in names else None
+    dataset = with_undecoded_images(dataset, image_column)
+    label = str(source) if split is None or str(source).endswith(".parquet") else f"{source}:{split}"
+    images = row_images(dataset, image_column, Path(image_root) if image_root else default_root(source), label)
+    wanted = [*read.values(), *(name for name in (id_column, ocr_column) if name)]
+    samples = []
+    for row, (record, image) in enumerate(zip(dataset.select_columns(wanted), images)):
+        sample = {"id": record[id_column] if id_column else row, "image": image}
+        if task == "captioning":
+            sample["captions"] = _captions(record[read["text"]])
+        elif task == "vqa":
+            answers = record[read["answers"]]
+            sample.update(question=record[read["question"]], answers=_answers(answers))
+            if any(isinstance(answer, dict) and "raw_answer" in answer for answer in answers[:1]):
+                sample["layout"] = "ok_vqa"  # OK-VQA v1.1's stemmed answers, as in its annotations JSON
+        else:
+            sample["class_name"] = _class_name(record[read["label"]], class_names, source)
+            if ocr_column:
+                sample["ocr"] = record[ocr_column]
+        samples.append(sample)
+    return check_images(samples, label)
+
+
+def load_task_data(
+    task: str, path, *, annotations=None, class_names=None, image_root=None, split=None, config=None, columns=None, option="--data"
+) -> list[dict]:
+    if task in TASKS and is_datasets_source(path):
+        return load_dataset_rows(
+            task, path, split=split, config=config, class_names=class_names, image_root=image_root, columns=columns, option=option
+        )
     loaders = {
         "captioning": lambda: load_captioning(path, image_root, split),
         "vqa": lambda: load_vqa(path, annotations, image_root),

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..hf_datasets import openable
 from ..processing_flaminko import load_image
 
 
@@ -20,7 +21,7 @@ def image_features(model, processor, images: list, batch_size: int = 32, progres
     """(N, D) L2-normalised pooled features of the model's vision tower."""
     features = []
     for start in tqdm(range(0, len(images), batch_size), desc="RICES features", disable=not progress):
-        chunk = [load_image(image) for image in images[start : start + batch_size]]
+        chunk = [load_image(openable(image)) for image in images[start : start + batch_size]]
         pixels = processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
         pooled = model.vision_model(pixel_values=pixels.to(model.device, model.vision_model.dtype)).pooler_output
         features.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
@@ -40,7 +41,7 @@ class RICES:
         images = [sample["image"] for sample in support]
         cache = None
         if cache_dir is not None:
-            key = json.dumps([str(model.name_or_path), images, [_stamp(image) for image in images]])
+            key = json.dumps([str(model.name_or_path), [str(image) for image in images], [_stamp(image) for image in images]])
             cache = Path(cache_dir) / f"rices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
         if cache is not None and cache.is_file():
             self.features = load_file(cache)["features"]

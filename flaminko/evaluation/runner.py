@@ -23,6 +23,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..hf_datasets import is_datasets_source, openable
 from .datasets import TASKS, load_class_names, load_task_data
 from .metrics import captioning_scores, classification_scores, vqa_scores
 from .ok_vqa import STEMMING, stem_ok_vqa_answer, stemming_tools
@@ -89,11 +90,18 @@ def _read_records(paths, *, report: bool) -> dict:
     return records
 
 
-def _file_identity(path) -> dict | None:
-    """A data file by its resolved path and the hash of its contents: the same path rewritten is another file."""
+def _data_identity(path) -> dict | None:
+    """A data file by its resolved path and the hash of its contents: the same path rewritten is another file.
+    A folder (a Hugging Face dataset's) by its files' names, sizes and modification times; a Hub dataset by
+    its id alone (the revision read is not recorded)."""
     if path is None:
         return None
     path = Path(path)
+    if path.is_dir():
+        stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*")) if f.is_file()]
+        return {"path": str(path.resolve()), "version": hashlib.sha256(json.dumps(stats).encode()).hexdigest()}
+    if not path.exists():
+        return {"path": str(path)}
     with path.open("rb") as handle:
         return {"path": str(path.resolve()), "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
 
@@ -157,6 +165,7 @@ def _predict(
     prompts, images = zip(
         *(build_prompt(task, q, demos, prompt_format, shots=shots) for q, demos in zip(queries, demonstrations))
     )
+    images = [[openable(image) for image in prompt_images] for prompt_images in images]
     if task == "classification":
         scores = score_candidates(
             model, processor, list(prompts), list(images), class_names, length_normalize=length_normalize
@@ -217,6 +226,12 @@ def evaluate(
     support_image_root=None,
     split: str | None = "test",
     support_split: str | None = "train",
+    config: str | None = None,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    question_column: str | None = None,
+    answers_column: str | None = None,
+    label_column: str | None = None,
     shots=(0,),
     trials: int = 1,
     seed: int = 42,
@@ -248,18 +263,24 @@ def evaluate(
         if class_names is None:
             raise ValueError("Classification needs the class names (--class_names FILE: one a line, or a JSON list)")
         class_names = load_class_names(class_names)
-    data_split = split if str(data).endswith(".json") else None
+    columns = {
+        "image_column": image_column, "text_column": text_column, "question_column": question_column,
+        "answers_column": answers_column, "label_column": label_column,
+    }  # fmt: skip
+    data_split = split if str(data).endswith(".json") or is_datasets_source(data) else None
     queries = load_task_data(
-        task, data, annotations=annotations, class_names=class_names, image_root=image_root, split=data_split
-    )
+        task, data, annotations=annotations, class_names=class_names, image_root=image_root, split=data_split, config=config,
+        columns=columns,
+    )  # fmt: skip
     queries = queries[:limit] if limit else queries
     if queries[0].get("layout") == "ok_vqa":
         stemming_tools()  # missing, it is said now rather than after the model has answered
     support_set = []
+    data_support_split = support_split if support is not None and (str(support).endswith(".json") or is_datasets_source(support)) else None
     if support is not None:
         support_set = load_task_data(
             task, support, annotations=support_annotations, class_names=class_names, image_root=support_image_root,
-            split=support_split if str(support).endswith(".json") else None,
+            split=data_support_split, config=config, columns=columns, option="--support",
         )  # fmt: skip
     elif max(shots) > 0:
         raise ValueError(f"{max(shots)} shots need a support set to draw demonstrations from (--support)")
@@ -290,13 +311,15 @@ def evaluate(
         "task": task,
         "model": _model_identity(model),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "data": _file_identity(data),
-        "annotations": _file_identity(annotations),
+        "data": _data_identity(data),
+        "annotations": _data_identity(annotations),
         "split": data_split,
+        "config": config,
+        "columns": {name: column for name, column in columns.items() if column is not None} or None,
         "image_root": str(Path(image_root).resolve()) if image_root else None,
-        "support": _file_identity(support),
-        "support_annotations": _file_identity(support_annotations),
-        "support_split": support_split if support_set and str(support).endswith(".json") else None,
+        "support": _data_identity(support),
+        "support_annotations": _data_identity(support_annotations),
+        "support_split": data_support_split,
         "support_image_root": str(Path(support_image_root).resolve()) if support_image_root else None,
         "class_names": class_names,
         "prompt_format": prompt_format,
@@ -349,7 +372,7 @@ def evaluate(
                             task, model, processor, batch, demos, templates, count, decoding, class_names, length_normalize
                         )  # fmt: skip
                         for query, demo, prompt, record in zip(batch, demos, prompts, records):
-                            record = {"id": query["id"], "image": query["image"], **record, "prompt": prompt}
+                            record = {"id": query["id"], "image": str(query["image"]), **record, "prompt": prompt}
                             record["demonstrations"] = [d["id"] for d in demo]
                             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                             new.append(record)
