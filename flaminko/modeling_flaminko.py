@@ -1023,13 +1023,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool, inputs_embeds=None):
         """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
         ids against the vocabulary. No tensor value is read during a decoding step."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError(
-                "Pass input_ids or inputs_embeds, exactly one of them: the <image> tokens in them place the images"
-            )
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass input_ids or inputs_embeds: the <image> tokens in them place the images")
         if inputs_embeds is not None:
             self._check_inputs_embeds(inputs_embeds, attention_mask, labels)
-            return
+            if input_ids is None:
+                return
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -1043,6 +1042,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError("input_ids has no sample (batch size 0): there is nothing to run")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: there is no text to run")
+        if inputs_embeds is not None and input_ids.shape != inputs_embeds.shape[:2]:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has {tuple(inputs_embeds.shape[:2])} "
+                "tokens: given together, they are one prompt (the embeddings feed the LM, the ids place the images)"
+            )
         if isinstance(attention_mask, dict):
             # generate's per-layer-type masks (full / sliding attention) for a static cache: built by transformers.
             attention_mask = next((mask for mask in attention_mask.values() if mask is not None), None)
@@ -1174,7 +1178,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     ) -> tuple | FlaminkoCausalLMOutputWithPast:
         r"""
         pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
-        inputs_embeds: (B, T, D) instead of input_ids; the images go where the <image> token's embedding stands.
+        inputs_embeds: (B, T, D) for the LM instead of the embeddings of input_ids. Alone, the images go where the
+            <image> token's embedding stands; with input_ids of the same (B, T), where their <image> tokens stand.
         image_features: resampled latents from a previous call or `get_image_features` (instead of pixel_values).
         media_key_values: the media keys/values of a previous call's output (with image_features).
         cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
@@ -1223,7 +1228,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             kwargs[MEDIA_KWARG] = media
         try:
             outputs = self.language_model(
-                input_ids=input_ids,
+                # Given both, the ids have placed the images and the embeddings feed the LM.
+                input_ids=input_ids if inputs_embeds is None else None,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -1286,9 +1292,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         **kwargs,
     ):
         """prompt_image_token_count: (B,) <image> tokens of a prompt given as inputs_embeds, whose
-        tokens are not in input_ids. past_key_values: the cache under its name before transformers
-        5.24, named here because generate checks the arguments it is given (an assistant model's own
-        cache among them) against this signature."""
+        tokens are not in input_ids (generate sets it to 0 when the prompt's ids come with its
+        embeddings). past_key_values: the cache under its name before transformers 5.24, named here
+        because generate checks the arguments it is given (an assistant model's own cache among them)
+        against this signature."""
         if past_key_values is not None:
             kwargs[CACHE_NAME] = past_key_values
         model_inputs = super().prepare_inputs_for_generation(
@@ -1303,6 +1310,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         # until this generate call's image features replace them.
         if image_features is None and pixel_values is not None:
             model_inputs["pixel_values"] = pixel_values
+        # A prompt given as both ids and embeddings (of one length, see generate): the embeddings feed the
+        # LM, the ids place the images, as transformers' decoder-only models keep them for the output.
+        prompt_embeds = model_inputs.get("inputs_embeds")
+        if prompt_embeds is not None and input_ids.shape[1] == inputs_embeds.shape[1]:
+            model_inputs["input_ids"] = input_ids[:, input_ids.shape[1] - prompt_embeds.shape[1] :].clone()
         if self.config.media_token_id is not None and model_inputs.get("input_ids") is not None:
             cached = input_ids.shape[1] - model_inputs["input_ids"].shape[1]
             past = (input_ids[:, :cached] == self.config.media_token_id).sum(-1)
@@ -1392,8 +1404,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         prompt_ids = kwargs.get("input_ids") if inputs is None else inputs
         inputs_embeds = kwargs.get("inputs_embeds")
         if prompt_ids is not None and inputs_embeds is not None:
-            # The <image> tokens of the prompt would be counted in both.
-            raise ValueError("Pass the prompt as input_ids or as inputs_embeds, not both")
+            # The prompt's <image> tokens are counted in its ids, which generate keeps: none come from elsewhere.
+            kwargs.setdefault("prompt_image_token_count", 0)
         # Without a prompt, GenerationMixin starts from BOS.
         if prompt_ids is not None or inputs_embeds is not None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -52,6 +52,8 @@ class FlaminkoModelTester:
             tie_word_embeddings=False,
         )
         self.expected_num_hidden_layers = self.num_hidden_layers + 1
+        # Inputs without images or <image> tokens, for the tests that are text-only by their own account.
+        self.text_only = False
 
     def get_config(self):
         return FlaminkoConfig(
@@ -76,10 +78,12 @@ class FlaminkoModelTester:
         config = self.get_config()
         # Text tokens 3..96: neither BOS/EOS/pad nor <image>/<|endofchunk|>.
         input_ids = ids_tensor([self.batch_size, self.seq_length], self.media_token_id - 3) + 3
+        attention_mask = torch.ones_like(input_ids)
+        if self.text_only:
+            return config, {"input_ids": input_ids, "attention_mask": attention_mask}
         # Each image's <image> token near the start, so that halved prompts (generation tests) keep both.
         input_ids[:, 1] = self.media_token_id
         input_ids[:, 3] = self.media_token_id
-        attention_mask = torch.ones_like(input_ids)
         pixel_values = floats_tensor([self.batch_size, self.num_images, 3, self.image_size, self.image_size])
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
         return config, inputs
@@ -106,6 +110,11 @@ class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCa
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    def test_generate_from_random_inputs_embeds(self):
+        # Text-only by its docstring, it passes no images: <image> tokens without theirs are an error (invariant 8).
+        self.model_tester.text_only = True
+        super().test_generate_from_random_inputs_embeds()
 
     @unittest.skip(NOT_FOR_FLAMINGO + "the LM is kept whole under `language_model`: there is no separate base model")
     def test_model_base_model_prefix(self):
