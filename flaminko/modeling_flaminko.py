@@ -204,8 +204,8 @@ class FlaminkoCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner_dim, text_dim, bias=False)
 
     def project_media(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_features (B, T_img, L, Dv) -> keys, values (B, H, T_img * L, d)"""
-        key, value = self.to_kv(image_features.flatten(1, 2)).chunk(2, dim=-1)
+        """image_features (B, T_img * L, Dv) -> keys, values (B, H, T_img * L, d)"""
+        key, value = self.to_kv(image_features).chunk(2, dim=-1)
         return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
 
     def forward(self, hidden_states, key, value, attention_mask, has_media) -> torch.Tensor:
@@ -701,7 +701,8 @@ def _cache_field_named_by_transformers(output_class):
 class FlaminkoCausalLMOutputWithPast(ModelOutput):
     """
     image_outputs: get_image_features' output for the call's pixel_values (None when none were given).
-    image_features: (B, T_img, L, D_vision) resampled latents of the call's images.
+    image_features: (B, T_img * L, D_vision) resampled latents of the call's images, as
+        get_image_features' pooler_output.
     media_key_values: per gated block (in layer order), the projected media keys and values;
         pass them back with image_features to skip that work in later calls.
     image_token_count: (B,) <image> tokens seen up to the end of this call, including the cache;
@@ -965,9 +966,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple | BaseModelOutputWithPooling:
         """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> the resampled latents as
-        `pooler_output` (B, T_img, L, D_vision), the vision tokens the resampler reads as
+        `pooler_output` (B, T_img * L, D_vision), the vision tokens the resampler reads as
         `last_hidden_state` (B, T_img, F, V, D_vision) and, when asked for (output_hidden_states,
-        output_attentions), the vision tower's hidden states and attentions, one row per frame."""
+        output_attentions), the vision tower's hidden states and attentions, one row per frame.
+
+        pooler_output is one 2-D array per sample, its images' latents in order, as transformers'
+        multi-image models (Idefics2/3) give theirs; forward and generate take it back as image_features."""
         pixel_values = self._checked_pixel_values(pixel_values)
         batch, num_images, num_frames, channels, height, width = pixel_values.shape
         trainable = any(p.requires_grad for p in self.vision_model.parameters())
@@ -982,7 +986,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
         return BaseModelOutputWithPooling(
             last_hidden_state=patches,
-            pooler_output=self.perceiver(patches),
+            pooler_output=self.perceiver(patches).flatten(1, 2),
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
         )
@@ -1094,14 +1098,17 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         if not isinstance(image_features, torch.Tensor):
             raise TypeError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}")
         dim = self.config.vision_config.hidden_size
+        latents = self.config.perceiver_num_latents
         if (
-            image_features.ndim != 4
+            image_features.ndim != 3
             or image_features.shape[0] * media_expansion != batch
+            or image_features.shape[1] == 0
+            or image_features.shape[1] % latents
             or image_features.shape[-1] != dim
         ):
             raise ValueError(
-                f"image_features must be (batch={batch // media_expansion}, images, latents, {dim}) "
-                f"as get_image_features returns them; got {tuple(image_features.shape)}"
+                f"image_features must be (batch={batch // media_expansion}, images * {latents} latents, {dim}) "
+                f"as get_image_features' pooler_output gives them; got {tuple(image_features.shape)}"
             )
         if prompt and not torch.compiler.is_compiling() and not bool(torch.isfinite(image_features).all()):
             raise ValueError("image_features contain NaN or infinite values")
@@ -1133,7 +1140,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 "image_token_count of the previous call's output"
             )
         positions = image_token_positions(image_tokens, past_image_token_count)
-        num_images = image_features.shape[1]
+        num_latents = self.config.perceiver_num_latents
+        num_images = image_features.shape[1] // num_latents
         most = int(positions[:, -1].max()) if check_values and positions.numel() else 0
         if most > num_images:
             raise ValueError(
@@ -1146,7 +1154,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 f"media_key_values has {len(media_key_values)} entries for {len(self.cross_attn_layers)} gated blocks"
             )
         allowed, has_media = media_attention_mask(
-            positions, num_images, image_features.shape[2], self.config.only_attend_immediate_media
+            positions, num_images, num_latents, self.config.only_attend_immediate_media
         )
         # With one image every token may see it (tokens before it are zeroed after attention): with no
         # mask, SDPA may pick its flash kernel.
@@ -1180,7 +1188,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
         inputs_embeds: (B, T, D) for the LM instead of the embeddings of input_ids. Alone, the images go where the
             <image> token's embedding stands; with input_ids of the same (B, T), where their <image> tokens stand.
-        image_features: resampled latents from a previous call or `get_image_features` (instead of pixel_values).
+        image_features: (B, T_img * L, D_vision) resampled latents, the `image_features` of a previous call's
+            output or `get_image_features`' pooler_output (instead of pixel_values).
         media_key_values: the media keys/values of a previous call's output (with image_features).
         cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
         past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.

@@ -45,8 +45,23 @@ def test_get_image_features_returns_vision_tokens_and_latents(llama, batch):
     assert isinstance(features, BaseModelOutputWithPooling)
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     assert features.last_hidden_state.shape == (1, 2, 1, patches, config.vision_config.hidden_size)
-    assert features.pooler_output.shape == (1, 2, config.perceiver_num_latents, config.vision_config.hidden_size)
+    assert features.pooler_output.shape == (1, 2 * config.perceiver_num_latents, config.vision_config.hidden_size)
     assert features.hidden_states is None and features.attentions is None
+
+
+def test_get_image_features_gives_one_2d_array_per_sample_that_forward_and_generate_take_back(llama):
+    """transformers 5.25's layout (test_get_image_features_pooler_output): one entry per sample, 2-D, its
+    images' latents in order; what a user gets back goes in again as image_features."""
+    model, processor = llama
+    batch = processor(text=[PROMPT, "글 먼저<image>파란색"], images=[[noise_image(1), noise_image(2)], [noise_image(3)]])
+    text = {name: value for name, value in batch.items() if name != "pixel_values"}
+    with torch.no_grad():
+        latents = model.get_image_features(batch["pixel_values"]).pooler_output
+        assert len(latents) == 2 and latents[0].shape == (2 * model.config.perceiver_num_latents, model.config.vision_config.hidden_size)
+        assert torch.equal(model(**text, image_features=latents).logits, model(**batch).logits)
+    for strategy in ({"do_sample": False}, {"num_beams": 2}):
+        expected = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, **strategy)
+        assert torch.equal(model.generate(**text, image_features=latents, max_new_tokens=5, min_new_tokens=5, **strategy), expected)
 
 
 def test_get_image_features_returns_the_towers_hidden_states_and_attentions_when_asked(llama, batch):

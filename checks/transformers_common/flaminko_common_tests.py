@@ -124,13 +124,6 @@ class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCa
     def test_base_model_prefix_loads_base_weights(self):
         pass
 
-    @unittest.skip(
-        NOT_FOR_FLAMINGO + "latents are (batch, images, latents, dim), one entry per sample holding all its images; "
-        "generate's beam expansion is Flaminko's own (the media are shared, not repeated)"
-    )
-    def test_get_image_features_pooler_output(self):
-        pass
-
 
 class FlaminkoProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = FlaminkoProcessor
