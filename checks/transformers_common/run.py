@@ -45,7 +45,8 @@ def unpacked_source(version: str, workdir: Path) -> Path:
          f"transformers=={version}", "-d", str(workdir)],
         check=True,
     )
-    archive = next(workdir.glob("transformers-*.tar.gz"))
+    # A --keep folder may hold other versions' archives too.
+    archive = workdir / f"transformers-{version}.tar.gz"
     with tarfile.open(archive) as tar:
         tar.extractall(workdir, filter="data")
     return workdir / f"transformers-{version}"
