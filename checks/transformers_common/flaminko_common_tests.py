@@ -129,8 +129,9 @@ class FlaminkoProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = FlaminkoProcessor
 
     @unittest.skip(
-        NOT_FOR_FLAMINGO + "its text marks a <video> but only an image is given; Flaminko's videos are frames "
-        "for its image processor (no video processor), and a placeholder without its media is an error"
+        "its text marks a <video> but gives videos only to a processor with a video_processor, which transformers "
+        "5.23-5.25 build only with torchvision (not a Flaminko dependency); Flaminko's videos are frames for its image "
+        "processor, and a <video> without its video is an error"
     )
     def test_processor_with_multiple_inputs(self):
         pass
