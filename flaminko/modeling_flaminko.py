@@ -204,8 +204,8 @@ class FlaminkoCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner_dim, text_dim, bias=False)
 
     def project_media(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_features (B, T_img, L, Dv) -> keys, values (B, H, T_img * L, d)"""
-        key, value = self.to_kv(image_features.flatten(1, 2)).chunk(2, dim=-1)
+        """image_features (B, T_img * L, Dv) -> keys, values (B, H, T_img * L, d)"""
+        key, value = self.to_kv(image_features).chunk(2, dim=-1)
         return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
 
     def forward(self, hidden_states, key, value, attention_mask, has_media) -> torch.Tensor:
@@ -701,7 +701,8 @@ def _cache_field_named_by_transformers(output_class):
 class FlaminkoCausalLMOutputWithPast(ModelOutput):
     """
     image_outputs: get_image_features' output for the call's pixel_values (None when none were given).
-    image_features: (B, T_img, L, D_vision) resampled latents of the call's images.
+    image_features: (B, T_img * L, D_vision) resampled latents of the call's images, as
+        get_image_features' pooler_output.
     media_key_values: per gated block (in layer order), the projected media keys and values;
         pass them back with image_features to skip that work in later calls.
     image_token_count: (B,) <image> tokens seen up to the end of this call, including the cache;
@@ -967,9 +968,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple | BaseModelOutputWithPooling:
         """pixel_values (B, T_img, C, H, W) or (B, T_img, F, C, H, W) -> the resampled latents as
-        `pooler_output` (B, T_img, L, D_vision), the vision tokens the resampler reads as
+        `pooler_output` (B, T_img * L, D_vision), the vision tokens the resampler reads as
         `last_hidden_state` (B, T_img, F, V, D_vision) and, when asked for (output_hidden_states,
-        output_attentions), the vision tower's hidden states and attentions, one row per frame."""
+        output_attentions), the vision tower's hidden states and attentions, one row per frame.
+
+        pooler_output is one 2-D array per sample, its images' latents in order, as transformers'
+        multi-image models (Idefics2/3) give theirs; forward and generate take it back as image_features."""
         pixel_values = self._checked_pixel_values(pixel_values)
         batch, num_images, num_frames, channels, height, width = pixel_values.shape
         trainable = any(p.requires_grad for p in self.vision_model.parameters())
@@ -984,7 +988,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         patches = patches.reshape(batch, num_images, num_frames, patches.shape[1], patches.shape[2])
         return BaseModelOutputWithPooling(
             last_hidden_state=patches,
-            pooler_output=self.perceiver(patches),
+            pooler_output=self.perceiver(patches).flatten(1, 2),
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
         )
@@ -1025,13 +1029,12 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool, inputs_embeds=None):
         """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
         ids against the vocabulary. No tensor value is read during a decoding step."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError(
-                "Pass input_ids or inputs_embeds, exactly one of them: the <image> tokens in them place the images"
-            )
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass input_ids or inputs_embeds: the <image> tokens in them place the images")
         if inputs_embeds is not None:
             self._check_inputs_embeds(inputs_embeds, attention_mask, labels)
-            return
+            if input_ids is None:
+                return
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -1045,6 +1048,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             raise ValueError("input_ids has no sample (batch size 0): there is nothing to run")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: there is no text to run")
+        if inputs_embeds is not None and input_ids.shape != inputs_embeds.shape[:2]:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has {tuple(inputs_embeds.shape[:2])} "
+                "tokens: given together, they are one prompt (the embeddings feed the LM, the ids place the images)"
+            )
         if isinstance(attention_mask, dict):
             # generate's per-layer-type masks (full / sliding attention) for a static cache: built by transformers.
             attention_mask = next((mask for mask in attention_mask.values() if mask is not None), None)
@@ -1092,14 +1100,17 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         if not isinstance(image_features, torch.Tensor):
             raise TypeError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}")
         dim = self.config.vision_config.hidden_size
+        latents = self.config.perceiver_num_latents
         if (
-            image_features.ndim != 4
+            image_features.ndim != 3
             or image_features.shape[0] * media_expansion != batch
+            or image_features.shape[1] == 0
+            or image_features.shape[1] % latents
             or image_features.shape[-1] != dim
         ):
             raise ValueError(
-                f"image_features must be (batch={batch // media_expansion}, images, latents, {dim}) "
-                f"as get_image_features returns them; got {tuple(image_features.shape)}"
+                f"image_features must be (batch={batch // media_expansion}, images * {latents} latents, {dim}) "
+                f"as get_image_features' pooler_output gives them; got {tuple(image_features.shape)}"
             )
         if prompt and not torch.compiler.is_compiling() and not bool(torch.isfinite(image_features).all()):
             raise ValueError("image_features contain NaN or infinite values")
@@ -1131,7 +1142,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 "image_token_count of the previous call's output"
             )
         positions = image_token_positions(image_tokens, past_image_token_count)
-        num_images = image_features.shape[1]
+        num_latents = self.config.perceiver_num_latents
+        num_images = image_features.shape[1] // num_latents
         most = int(positions[:, -1].max()) if check_values and positions.numel() else 0
         if most > num_images:
             raise ValueError(
@@ -1144,7 +1156,7 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
                 f"media_key_values has {len(media_key_values)} entries for {len(self.cross_attn_layers)} gated blocks"
             )
         allowed, has_media = media_attention_mask(
-            positions, num_images, image_features.shape[2], self.config.only_attend_immediate_media
+            positions, num_images, num_latents, self.config.only_attend_immediate_media
         )
         # With one image every token may see it (tokens before it are zeroed after attention): with no
         # mask, SDPA may pick its flash kernel.
@@ -1176,8 +1188,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
     ) -> tuple | FlaminkoCausalLMOutputWithPast:
         r"""
         pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
-        inputs_embeds: (B, T, D) instead of input_ids; the images go where the <image> token's embedding stands.
-        image_features: resampled latents from a previous call or `get_image_features` (instead of pixel_values).
+        inputs_embeds: (B, T, D) for the LM instead of the embeddings of input_ids. Alone, the images go where the
+            <image> token's embedding stands; with input_ids of the same (B, T), where their <image> tokens stand.
+        image_features: (B, T_img * L, D_vision) resampled latents, the `image_features` of a previous call's
+            output or `get_image_features`' pooler_output (instead of pixel_values).
         media_key_values: the media keys/values of a previous call's output (with image_features).
         cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
         past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.
@@ -1225,7 +1239,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
             kwargs[MEDIA_KWARG] = media
         try:
             outputs = self.language_model(
-                input_ids=input_ids,
+                # Given both, the ids have placed the images and the embeddings feed the LM.
+                input_ids=input_ids if inputs_embeds is None else None,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -1288,9 +1303,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         **kwargs,
     ):
         """prompt_image_token_count: (B,) <image> tokens of a prompt given as inputs_embeds, whose
-        tokens are not in input_ids. past_key_values: the cache under its name before transformers
-        5.24, named here because generate checks the arguments it is given (an assistant model's own
-        cache among them) against this signature."""
+        tokens are not in input_ids (generate sets it to 0 when the prompt's ids come with its
+        embeddings). past_key_values: the cache under its name before transformers 5.24, named here
+        because generate checks the arguments it is given (an assistant model's own cache among them)
+        against this signature."""
         if past_key_values is not None:
             kwargs[CACHE_NAME] = past_key_values
         model_inputs = super().prepare_inputs_for_generation(
@@ -1305,6 +1321,11 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         # until this generate call's image features replace them.
         if image_features is None and pixel_values is not None:
             model_inputs["pixel_values"] = pixel_values
+        # A prompt given as both ids and embeddings (of one length, see generate): the embeddings feed the
+        # LM, the ids place the images, as transformers' decoder-only models keep them for the output.
+        prompt_embeds = model_inputs.get("inputs_embeds")
+        if prompt_embeds is not None and input_ids.shape[1] == inputs_embeds.shape[1]:
+            model_inputs["input_ids"] = input_ids[:, input_ids.shape[1] - prompt_embeds.shape[1] :].clone()
         if self.config.media_token_id is not None and model_inputs.get("input_ids") is not None:
             cached = input_ids.shape[1] - model_inputs["input_ids"].shape[1]
             past = (input_ids[:, :cached] == self.config.media_token_id).sum(-1)
@@ -1394,8 +1415,8 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         prompt_ids = kwargs.get("input_ids") if inputs is None else inputs
         inputs_embeds = kwargs.get("inputs_embeds")
         if prompt_ids is not None and inputs_embeds is not None:
-            # The <image> tokens of the prompt would be counted in both.
-            raise ValueError("Pass the prompt as input_ids or as inputs_embeds, not both")
+            # The prompt's <image> tokens are counted in its ids, which generate keeps: none come from elsewhere.
+            kwargs.setdefault("prompt_image_token_count", 0)
         # Without a prompt, GenerationMixin starts from BOS.
         if prompt_ids is not None or inputs_embeds is not None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))

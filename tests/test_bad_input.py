@@ -91,7 +91,7 @@ def test_cached_decoding_without_the_image_count(model_and_processor, batch):
 def test_pixel_values_and_image_features_together(model_and_processor, batch):
     model, _ = model_and_processor
     with pytest.raises(ValueError, match="not both"):
-        model(**batch, image_features=torch.zeros(1, 2, 64, 32))
+        model(**batch, image_features=torch.zeros(1, 2 * 64, 32))
 
 
 @pytest.mark.parametrize(
@@ -170,13 +170,15 @@ def test_checks_add_no_host_sync_to_a_decoding_step(model_and_processor, batch):
         (lambda b: {**b, "pixel_values": b["pixel_values"].unsqueeze(2)[:, :, :0]}, ValueError, "hold no image"),
         (lambda b: {**b, "pixel_values": b["pixel_values"] * float("nan")}, ValueError, "NaN or infinite"),
         (lambda b: {**b, "pixel_values": b["pixel_values"].clone().index_fill_(-1, torch.tensor([3]), float("inf"))}, ValueError, "NaN or infinite"),
-        (lambda b: {**{k: v for k, v in b.items() if k != "pixel_values"}, "image_features": torch.zeros(1, 2, 64, 7)}, ValueError, r"image_features must be \(batch=1, images, latents, 32\)"),
-        (lambda b: {**{k: v for k, v in b.items() if k != "pixel_values"}, "image_features": torch.full((1, 2, 64, 32), float("nan"))}, ValueError, "image_features contain NaN"),
+        (lambda b: {**{k: v for k, v in b.items() if k != "pixel_values"}, "image_features": torch.zeros(1, 2 * 64, 7)}, ValueError, r"image_features must be \(batch=1, images \* 64 latents, 32\)"),
+        (lambda b: {**{k: v for k, v in b.items() if k != "pixel_values"}, "image_features": torch.zeros(1, 2, 64, 32)}, ValueError, r"image_features must be \(batch=1, images \* 64 latents, 32\)"),
+        (lambda b: {**{k: v for k, v in b.items() if k != "pixel_values"}, "image_features": torch.zeros(1, 100, 32)}, ValueError, r"image_features must be \(batch=1, images \* 64 latents, 32\)"),
+        (lambda b: {**{k: v for k, v in b.items() if k != "pixel_values"}, "image_features": torch.full((1, 2 * 64, 32), float("nan"))}, ValueError, "image_features contain NaN"),
         (lambda b: {**{k: v for k, v in b.items() if k != "pixel_values"}, "image_features": [[0.0]]}, TypeError, "image_features must be a torch.Tensor"),
     ],
     ids=["1d-ids", "float-ids", "list-ids", "id-beyond-vocab", "empty-ids", "short-mask", "mask-batch", "list-mask",
          "labels-shape", "uint8-pixels", "zero-images", "zero-frames", "nan-pixels", "inf-pixels", "features-dim",
-         "nan-features", "list-features"],
+         "features-per-image", "features-part-image", "nan-features", "list-features"],
 )
 @pytest.mark.parametrize("entry", ["forward", "generate"])
 def test_model_entry_points_name_bad_values(model_and_processor, batch, change, error, message, entry):

@@ -111,7 +111,7 @@ def test_video_frames_with_frame_embeddings(backbones):
     with torch.no_grad():
         features = model.get_image_features(frames).pooler_output
         single = model.get_image_features(batch["pixel_values"]).pooler_output
-    assert features.shape == single.shape == (1, 2, model.config.perceiver_num_latents, model.config.vision_config.hidden_size)
+    assert features.shape == single.shape == (1, 2 * model.config.perceiver_num_latents, model.config.vision_config.hidden_size)
     assert not torch.allclose(features, single)
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=frames, max_new_tokens=4)
     assert out.shape[1] == batch["input_ids"].shape[1] + 4 or out[0, -1] in model.generation_config.eos_token_id

@@ -45,8 +45,23 @@ def test_get_image_features_returns_vision_tokens_and_latents(llama, batch):
     assert isinstance(features, BaseModelOutputWithPooling)
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     assert features.last_hidden_state.shape == (1, 2, 1, patches, config.vision_config.hidden_size)
-    assert features.pooler_output.shape == (1, 2, config.perceiver_num_latents, config.vision_config.hidden_size)
+    assert features.pooler_output.shape == (1, 2 * config.perceiver_num_latents, config.vision_config.hidden_size)
     assert features.hidden_states is None and features.attentions is None
+
+
+def test_get_image_features_gives_one_2d_array_per_sample_that_forward_and_generate_take_back(llama):
+    """transformers 5.25's layout (test_get_image_features_pooler_output): one entry per sample, 2-D, its
+    images' latents in order; what a user gets back goes in again as image_features."""
+    model, processor = llama
+    batch = processor(text=[PROMPT, "글 먼저<image>파란색"], images=[[noise_image(1), noise_image(2)], [noise_image(3)]])
+    text = {name: value for name, value in batch.items() if name != "pixel_values"}
+    with torch.no_grad():
+        latents = model.get_image_features(batch["pixel_values"]).pooler_output
+        assert len(latents) == 2 and latents[0].shape == (2 * model.config.perceiver_num_latents, model.config.vision_config.hidden_size)
+        assert torch.equal(model(**text, image_features=latents).logits, model(**batch).logits)
+    for strategy in ({"do_sample": False}, {"num_beams": 2}):
+        expected = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, **strategy)
+        assert torch.equal(model.generate(**text, image_features=latents, max_new_tokens=5, min_new_tokens=5, **strategy), expected)
 
 
 def test_get_image_features_returns_the_towers_hidden_states_and_attentions_when_asked(llama, batch):
@@ -129,15 +144,34 @@ def test_inputs_embeds_cannot_place_images_while_new_token_rows_are_equal(backbo
         model(inputs_embeds=model.get_input_embeddings()(batch["input_ids"]), pixel_values=batch["pixel_values"])
 
 
+def test_input_ids_with_inputs_embeds_feed_the_embeddings_and_place_the_images_by_the_ids(backbones):
+    """As transformers' decoder-only models take a prompt given both ways (generate keeps the ids for its
+    output), on a model whose <image> row the embeddings alone could not tell apart: the ids place the
+    images, in the prompt and in every decoding step after it."""
+    model, processor = build_model(backbones, "llama")
+    batch = processor(text=[PROMPT, "글 먼저<image>파란색"], images=[[noise_image(1), noise_image(2)], [noise_image(3)]])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**batch).logits
+        assert torch.allclose(model(**batch, inputs_embeds=embeds).logits, from_ids, atol=1e-5)
+        assert not torch.allclose(model(**batch, inputs_embeds=embeds + 0.1).logits, from_ids, atol=1e-3)
+    for strategy in ({"do_sample": False}, {"num_beams": 2}):
+        expected = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, **strategy)
+        both = model.generate(**batch, inputs_embeds=embeds, max_new_tokens=5, min_new_tokens=5, **strategy)
+        assert torch.equal(both, expected)
+
+
 def test_inputs_embeds_are_checked_at_the_boundary(llama, batch):
     model, _ = llama
     embeds = model.get_input_embeddings()(batch["input_ids"])
-    with pytest.raises(ValueError, match="exactly one of them"):
-        model(input_ids=batch["input_ids"], inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="Pass input_ids or inputs_embeds"):
+        model(pixel_values=batch["pixel_values"])
     with pytest.raises(ValueError, match="inputs_embeds must have shape"):
         model(inputs_embeds=embeds[..., :3])
-    with pytest.raises(ValueError, match="not both"):
-        model.generate(input_ids=batch["input_ids"], inputs_embeds=embeds, max_new_tokens=2)
+    with pytest.raises(ValueError, match="given together, they are one prompt"):
+        model(input_ids=batch["input_ids"][:, 1:], inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="given together, they are one prompt"):
+        model.generate(input_ids=batch["input_ids"][:, 1:], inputs_embeds=embeds, max_new_tokens=2)
 
 
 def test_generate_without_a_prompt_starts_from_bos(llama):

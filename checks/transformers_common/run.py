@@ -1,13 +1,14 @@
-"""Run transformers' common model, configuration and processor tests against a tiny Flaminko.
+"""Run transformers' common model, generation, configuration and processor tests against a tiny Flaminko.
 
-    python checks/transformers_common/run.py [--generation-tests PATH] [pytest arguments]
+    python checks/transformers_common/run.py [--transformers-tests DIR] [pytest arguments]
 
 Downloads the source distribution of the installed transformers (pip download, no install) to a
 temporary folder, places flaminko_common_tests.py among its tests and runs pytest there. The
-source distribution lacks a few repository-only helpers the mixins import; they are stubbed
-here. GenerationTesterMixin lives only in transformers' repository: pass its
-tests/generation/test_utils.py (and the test_framework_agnostic.py beside it) with
---generation-tests, at the tag of the installed version; without it the generation tests are not run.
+source distribution lacks GenerationTesterMixin (tests/generation/test_utils.py) and a few
+repository-only helpers the mixins import. They are taken from a folder laid out as transformers'
+repository (--transformers-tests; by default shared/transformers-tests beside this checkout, when
+it is there); whatever is still missing is stubbed here, and without GenerationTesterMixin the
+generation tests are not run.
 """
 
 import argparse
@@ -23,15 +24,19 @@ import transformers
 
 HERE = Path(__file__).resolve().parent
 REPOSITORY_ROOT = HERE.parents[1]
+# The project's shared folder, beside each checkout (and CI's clone), keeps transformers' repository-only
+# test files; the repository itself does not copy transformers' tests.
+SHARED_TESTS = REPOSITORY_ROOT.parent / "shared" / "transformers-tests"
+# Stand-ins for the repository-only files that no --transformers-tests folder gave.
 STUBS = {
-    "exporters/test_export.py": "class ExportTesterMixin:\n    pass\n",
-    "generation/test_utils.py": "class GenerationTesterMixin:\n    pass\n",
+    "tests/exporters/test_export.py": "class ExportTesterMixin:\n    pass\n",
+    "tests/generation/test_utils.py": "class GenerationTesterMixin:\n    pass\n",
     # Only read by ConfigTester for configs without sub-configs.
-    "utils/test_configuration_utils.py": "config_common_kwargs = {}\n",
+    "tests/utils/test_configuration_utils.py": "config_common_kwargs = {}\n",
+    # Imported by test_processing_common from the repository's utils/ folder; its media are only used
+    # by tests that read videos or audio from the Hub, which do not apply here.
+    "utils/fetch_hub_objects_for_ci.py": "def url_to_local_path(url, **kwargs):\n    return url\n",
 }
-# Imported by test_processing_common from the repository's utils/ folder; its media are only used
-# by tests that read videos or audio from the Hub, which do not apply here.
-FETCH_STUB = "def url_to_local_path(url, **kwargs):\n    return url\n"
 
 
 def unpacked_source(version: str, workdir: Path) -> Path:
@@ -40,25 +45,28 @@ def unpacked_source(version: str, workdir: Path) -> Path:
          f"transformers=={version}", "-d", str(workdir)],
         check=True,
     )
-    archive = next(workdir.glob("transformers-*.tar.gz"))
+    # A --keep folder may hold other versions' archives too.
+    archive = workdir / f"transformers-{version}.tar.gz"
     with tarfile.open(archive) as tar:
         tar.extractall(workdir, filter="data")
     return workdir / f"transformers-{version}"
 
 
-def prepare_tests(source: Path, generation_tests: Path | None) -> Path:
+def prepare_tests(source: Path, repository_tests: Path | None) -> Path:
     tests = source / "tests"
-    for relative, text in STUBS.items():
-        path = tests / relative
+    stubs = {source / relative: text for relative, text in STUBS.items()}
+    if repository_tests is not None:
+        # The source distribution's own files stay: they are the installed version's. A stub an earlier
+        # run left in a --keep folder gives way.
+        for path in sorted(repository_tests.rglob("*.py")):
+            target = source / path.relative_to(repository_tests)
+            if not target.exists() or (target in stubs and target.read_text() == stubs[target]):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+    for path, text in stubs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             path.write_text(text)
-    if generation_tests is not None:
-        for name in ("test_utils.py", "test_framework_agnostic.py"):
-            shutil.copy(generation_tests.parent / name, tests / "generation" / name)
-    (source / "utils").mkdir(exist_ok=True)
-    if not (source / "utils" / "fetch_hub_objects_for_ci.py").exists():
-        (source / "utils" / "fetch_hub_objects_for_ci.py").write_text(FETCH_STUB)
     target = tests / "models" / "flaminko"
     target.mkdir(parents=True, exist_ok=True)
     for package in (tests, tests / "exporters", tests / "generation", tests / "utils", tests / "models", target):
@@ -69,11 +77,20 @@ def prepare_tests(source: Path, generation_tests: Path | None) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generation-tests", type=Path, help="tests/generation/test_utils.py of transformers' repository")
+    parser.add_argument(
+        "--transformers-tests",
+        type=Path,
+        default=SHARED_TESTS if SHARED_TESTS.is_dir() else None,
+        help="a folder laid out as transformers' repository holding tests/generation/test_utils.py "
+        f"(GenerationTesterMixin) and the helpers the common tests import (default: {SHARED_TESTS}, when it is there)",
+    )
     parser.add_argument("--keep", type=Path, help="unpack into this folder and keep it (default: a temporary folder)")
     args, pytest_args = parser.parse_known_args()
-    if args.generation_tests is not None and not args.generation_tests.is_file():
-        parser.error(f"--generation-tests: no file {args.generation_tests}")
+    generation = args.transformers_tests and args.transformers_tests / "tests" / "generation" / "test_utils.py"
+    if generation and not generation.is_file():
+        parser.error(f"--transformers-tests: no file {generation}")
+    if not generation:
+        print(f"No {SHARED_TESTS} and no --transformers-tests: GenerationTesterMixin's tests are not run", file=sys.stderr)
     version = transformers.__version__
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.keep or Path(temporary)
@@ -81,7 +98,7 @@ def main() -> int:
         source = workdir / f"transformers-{version}"
         if not source.exists():
             source = unpacked_source(version, workdir)
-        test_file = prepare_tests(source, args.generation_tests)
+        test_file = prepare_tests(source, args.transformers_tests)
         command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::pytest.PytestUnknownMarkWarning", "-q", "-rs",
                    str(test_file.relative_to(source)), *pytest_args]
         environment = {**os.environ, "PYTHONPATH": str(REPOSITORY_ROOT)}
