@@ -17,6 +17,8 @@ import torch
 from conftest import noise_image
 from fake_hub import write_dataset_repo
 from test_cli import assert_one_line_error, in_process
+from test_distributed import free_port
+from test_sharded import EXAMPLES
 
 datasets = pytest.importorskip("datasets")
 pytestmark = pytest.mark.usefixtures("offline_datasets")
@@ -180,83 +182,189 @@ def test_without_the_datasets_package_one_line_says_to_install_it(forms, backbon
     assert_one_line_error(result, "train", "need the datasets package: pip install datasets")
 
 
-KILLABLE = textwrap.dedent(
+RECORDED_TRAIN = textwrap.dedent(
     """
+    # `flaminko train` (the arguments after RECORD KILL_AT), recording in RECORD, per process: the captions of
+    # each batch as the stream gives it (read-rankN.jsonl) and as it is trained (trained-rankN.jsonl), and
+    # the trainable weights at the end (weights-rankN.safetensors). KILL_AT > 0: a process at the end of that
+    # step sends itself a SIGKILL, as from outside (under a launcher, the launcher then ends the others).
     import json, os, signal, sys
-    from transformers import TrainerCallback, TrainingArguments
-    from flaminko import training
+    from safetensors.torch import save_file
+    from transformers import TrainerCallback
+    from flaminko import cli, training
     from flaminko.data import FlaminkoCollator
-    from flaminko.training import DataArguments, ModelArguments, train
 
-    vision, language, source, out, resume, kill_at = sys.argv[1:7]
+    record, kill_at = sys.argv[1], int(sys.argv[2])
+    rank = int(os.environ.get("RANK", "0"))
 
-    # Each batch's captions as it is read from the stream, and as it is trained.
+    def log(name, captions):
+        with open(f"{record}/{name}-rank{rank}.jsonl", "a") as handle:
+            handle.write(json.dumps(captions, ensure_ascii=False) + "\\n")
+
     collate = FlaminkoCollator.__call__
     def collate_and_name(self, samples):
         batch = collate(self, samples)
         batch["captions"] = [sample["text"] for sample in samples]
-        with open(f"{out}/read-by-resume-{resume}.jsonl", "a") as log:
-            log.write(json.dumps(batch["captions"], ensure_ascii=False) + "\\n")
+        log("read", batch["captions"])
         return batch
     FlaminkoCollator.__call__ = collate_and_name
+
     step = training.FlaminkoTrainer.training_step
     def logged_step(self, model, inputs, num_items_in_batch=None):
-        with open(f"{out}/trained-by-resume-{resume}.jsonl", "a") as log:
-            log.write(json.dumps(inputs.pop("captions"), ensure_ascii=False) + "\\n")
+        log("trained", inputs.pop("captions"))
         return step(self, model, inputs, num_items_in_batch)
     training.FlaminkoTrainer.training_step = logged_step
 
-    class KillAt(TrainerCallback):  # a SIGKILL as from outside, at the end of a step after checkpoint-2
+    class KillAndKeep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == int(kill_at):
+            if state.global_step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            weights = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+            save_file(weights, f"{record}/weights-rank{rank}.safetensors")
+
     init = training.FlaminkoTrainer.__init__
-    def with_kill(self, *a, **k):
+    def with_callback(self, *a, **k):
         init(self, *a, **k)
-        self.add_callback(KillAt())
-    training.FlaminkoTrainer.__init__ = with_kill
-    train(
-        ModelArguments(vision_model=vision, language_model=language),
-        DataArguments(train_data=source, streaming=True),
-        TrainingArguments(output_dir=out, max_steps=5, per_device_train_batch_size=4, learning_rate=5e-3, save_strategy="steps",
-                          save_steps=2, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-                          resume_from_checkpoint=True if resume == "yes" else None),
-    )
+        self.add_callback(KillAndKeep())
+    training.FlaminkoTrainer.__init__ = with_callback
+    cli.main(sys.argv[3:])
     """
 )
 
 
-def test_a_streamed_run_killed_and_resumed_reads_on_from_its_checkpoint(backbones, forms, tmp_path):
+def recorded(record, name="trained", rank=0):
+    """The batches' captions that process `rank` recorded, one list a batch."""
+    return [json.loads(line) for line in (record / f"{name}-rank{rank}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def recorded_run(launcher, script, backbones, source, out, *, record, kill_at=0, options=()):
+    """`flaminko train --streaming` on `source` through RECORDED_TRAIN under `launcher` (the command before
+    the script); the finished process."""
+    record.mkdir(parents=True)
+    arguments = [
+        "train", "--vision_model", backbones["vision"], "--language_model", backbones["gpt_neox"], "--train_data", source,
+        "--streaming", "--output_dir", out, "--learning_rate", "5e-3", "--report_to", "none",
+        "--seed", "0", "--disable_tqdm", "true", *options,
+    ]  # fmt: skip
+    # The datasets cache in the test's folder and the Hub unreachable, as offline_datasets makes them in this process.
+    environment = {**os.environ, "HF_DATASETS_CACHE": str(record / "cache"), "HF_HUB_OFFLINE": "1"}
+    command = [*launcher, str(script), str(record), str(kill_at), *map(str, arguments)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+
+
+@pytest.fixture(scope="module")
+def recorded_train(tmp_path_factory):
+    script = tmp_path_factory.mktemp("script") / "recorded_train.py"
+    script.write_text(RECORDED_TRAIN)
+    return script
+
+
+def test_a_streamed_run_killed_and_resumed_reads_on_from_its_checkpoint(backbones, forms, recorded_train, tmp_path):
     from safetensors.torch import load_file
 
-    script = tmp_path / "job.py"
-    script.write_text(KILLABLE)
-    environment = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    one_process = [sys.executable]
+    options = ["--max_steps", "5", "--save_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu"]
 
-    def command(out, resume, kill_at=0):
-        source = forms / "captions.parquet"
-        return [sys.executable, str(script), str(backbones["vision"]), str(backbones["gpt_neox"]), str(source), str(out), resume, str(kill_at)]
+    def run(out, record, **kwargs):
+        return recorded_run(one_process, recorded_train, backbones, forms / "captions.parquet", out, record=record, options=options, **kwargs)
 
-    def trained(out, resume, log="trained"):
-        return [json.loads(line) for line in (out / f"{log}-by-resume-{resume}.jsonl").read_text().splitlines()]
-
-    whole = subprocess.run(command(tmp_path / "whole", "no"), capture_output=True, text=True, timeout=600, env=environment)
+    whole = run(tmp_path / "whole", tmp_path / "whole-record")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    batches = trained(tmp_path / "whole", "no")
+    batches = recorded(tmp_path / "whole-record")
     captions = [caption for batch in batches for caption in batch]
     assert len(batches) == 5 and len(set(captions)) == len(captions) == 20  # one pass: every row once
 
     killed = tmp_path / "killed"
-    job = subprocess.run(command(killed, "no", kill_at=3), capture_output=True, text=True, timeout=600, env=environment)
+    job = run(killed, tmp_path / "killed-record", kill_at=3)
     assert job.returncode == -signal.SIGKILL, job.stderr[-3000:]
     assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"] and not (killed / "final").exists()
     assert (killed / "checkpoint-2" / "stream-state-rank0.json").is_file()
-    resumed = subprocess.run(command(killed, "yes"), capture_output=True, text=True, timeout=600, env=environment)
+    options += ["--resume_from_checkpoint", str(killed / "checkpoint-2")]
+    resumed = run(killed, tmp_path / "resumed-record")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    before, after = trained(killed, "no")[:2], trained(killed, "yes")
+    before, after = recorded(tmp_path / "killed-record")[:2], recorded(tmp_path / "resumed-record")
     assert before + after == batches  # the steps before checkpoint-2, then on from it: no example twice
-    assert trained(killed, "yes", log="read")[0] == batches[2]  # the stream was not read again from its start
+    assert recorded(tmp_path / "resumed-record", "read")[0] == batches[2]  # the stream was not read again from its start
     a, b = load_file(tmp_path / "whole" / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+# Two processes, as a user launches them: accelerate with the DDP example config (torchrun underneath; gloo
+# here, --use_cpu keeping it on the CPU where there is a GPU too). captions.parquet is one file, so each
+# process reads every other row: rank 0 the 12 even rows, 6 batches of 2; rank 1 the 10 good odd ones
+# (rows 3 and 5 are bad), 5 batches. 8 steps take rank 1 past the end of its part and rank 0 not;
+# checkpoint-5 holds rank 1 at the very end of its part, rank 0 in the middle of its own.
+TWO_PROCESS_OPTIONS = ["--max_steps", "8", "--save_steps", "5", "--per_device_train_batch_size", "2", "--use_cpu"]
+FIRST_PASS_BATCHES = {0: 6, 1: 5}
+
+
+def two_processes():
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "accelerate_ddp.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_process_run(backbones, forms, recorded_train, tmp_path_factory):
+    """(output folder, record folder, finished launcher) of an uninterrupted streamed run on two processes."""
+    root = tmp_path_factory.mktemp("two-processes")
+    out, record = root / "out", root / "record"
+    result = recorded_run(two_processes(), recorded_train, backbones, forms / "captions.parquet", out, record=record, options=TWO_PROCESS_OPTIONS)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, record, result
+
+
+def test_two_processes_stream_disjoint_parts_that_make_one_pass_and_train_as_one_ddp_run(two_process_run):
+    from safetensors.torch import load_file
+
+    out, record, result = two_process_run
+    batches = {rank: recorded(record, rank=rank) for rank in (0, 1)}
+    assert [len(batches[rank]) for rank in (0, 1)] == [8, 8]  # a batch from each process every step
+    first_pass = {rank: [caption for batch in batches[rank][: FIRST_PASS_BATCHES[rank]] for caption in batch] for rank in (0, 1)}
+    assert not set(first_pass[0]) & set(first_pass[1])
+    good_rows = [f"<image>빨간색 네모 {row}<|endofchunk|>" for row in range(ROWS) if row not in (3, 5)]
+    assert sorted(first_pass[0] + first_pass[1]) == sorted(good_rows)  # together every row once: no example twice
+    for rank in (0, 1):  # a process at the end of its part reads it again from its start, the other reading on
+        again = batches[rank][FIRST_PASS_BATCHES[rank] :]
+        assert again == batches[rank][: len(again)]
+    assert sorted(path.name for path in (out / "checkpoint-5").glob("stream-state-rank*.json")) == [
+        "stream-state-rank0.json", "stream-state-rank1.json",
+    ]  # fmt: skip
+    # Different rows, the same weights: each step averaged both processes' gradients.
+    rank0, rank1 = load_file(record / "weights-rank0.safetensors"), load_file(record / "weights-rank1.safetensors")
+    start = load_file(out / "base-model" / "model.safetensors")
+    assert rank0.keys() == rank1.keys() and any(not torch.equal(rank0[name], start[name]) for name in rank0 if name in start)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert result.stdout.count("saved to") == 1
+
+
+def test_two_processes_killed_and_resumed_read_on_each_from_its_own_position(two_process_run, backbones, forms, recorded_train, tmp_path):
+    from safetensors.torch import load_file
+
+    whole_out, whole_record, _ = two_process_run
+    out = tmp_path / "out"
+
+    def run(record, *options, kill_at=0):
+        options = [*TWO_PROCESS_OPTIONS, *options]
+        return recorded_run(two_processes(), recorded_train, backbones, forms / "captions.parquet", out, record=record, kill_at=kill_at, options=options)
+
+    killed = run(tmp_path / "killed", kill_at=6)
+    assert killed.returncode != 0 and not (out / "final").exists(), killed.stderr[-4000:]
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-5"]
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", out / "checkpoint-5")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    for rank in (0, 1):
+        whole = recorded(whole_record, rank=rank)
+        # The five steps checkpoint-5 holds, then on from there: the killed run's sixth step is trained
+        # again (its update died with the run), so no example is skipped and none is trained twice.
+        assert recorded(tmp_path / "killed", rank=rank)[:5] + recorded(tmp_path / "resumed", rank=rank) == whole
+    # Rank 0 was saved mid-part: the resumed run's first read is its sixth batch, not its part's start.
+    assert recorded(tmp_path / "resumed", "read", rank=0)[0] == recorded(whole_record, rank=0)[5] != recorded(whole_record, rank=0)[0]
+    a, b = load_file(whole_out / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
