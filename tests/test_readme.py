@@ -52,7 +52,7 @@ def test_docs_pages_say_it_in_both_languages():
 def test_no_page_or_shipped_file_cites_what_users_do_not_have():
     """Users have the repository only: a page or a shipped file says the point itself, never "see the
     project's design notes" (REFERENCE.md, DESIGN.md, numbered invariants, ../shared)."""
-    cited = re.compile(r"REFERENCE(\.md| section)|DESIGN(\.md| invariant)|\binvariants? \d|\.\./shared|/work/shared")
+    cited = re.compile(r"REFERENCE(\.md| section)|DESIGN(\.md| invariant)|\binvariants? \d|불변식 ?\d|\.\./shared|/work/shared")
     files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "flaminko").rglob("*.py"), *(ROOT / "examples").iterdir()]
     offending = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in files for match in cited.finditer(path.read_text(encoding="utf-8"))]
     assert not offending, offending
