@@ -271,6 +271,8 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
         "seconds": seconds,
         "steps": steps,
         "seed": seed,
+        # The order of the float sums, and so the weights, changes with the thread count (OMP_NUM_THREADS).
+        "threads": torch.get_num_threads(),
         "word_noise": WORD_NOISE,
     }
     results.update(report_through_harness(model, processor, out))
