@@ -162,24 +162,25 @@ def pretrain_language_model(language: Path, out: Path, steps: int, seed: int):
     # Phrases end with <|endofchunk|>, as captions do in Flaminko's documents: the frozen LM knows
     # where one ends.
     tokenizer.add_tokens([END_OF_CHUNK_TOKEN], special_tokens=True)
+    tokenizer.save_pretrained(language)
     phrases = [f"{colour} {shape}{END_OF_CHUNK_TOKEN}" for colour in COLOURS for shape in SHAPES]
+    args = training_arguments(out, steps, seed)
+    args.remove_unused_columns = False  # the samples are plain strings, turned into tensors by collate
     rng = random.Random(seed)
-    texts = ["".join(rng.choices(phrases, k=PHRASES_PER_TEXT)) for _ in range(steps * 32)]
+    texts = ["".join(rng.choices(phrases, k=PHRASES_PER_TEXT)) for _ in range(steps * args.per_device_train_batch_size)]
+    # Padding for these batches only (their labels skip it); the saved tokenizer keeps none, and
+    # Flaminko's processor adds its own.
+    tokenizer.pad_token = tokenizer.eos_token
 
     def collate(batch: list[str]) -> dict:
         encoded = tokenizer(batch, padding=True, return_tensors="pt")
         encoded["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
         return encoded
 
-    tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(language)
     model.resize_token_embeddings(len(tokenizer))
-    args = training_arguments(out, steps, seed)
-    args.remove_unused_columns = False  # the samples are plain strings, turned into tensors by collate
     Trainer(model=model, args=args, train_dataset=texts, data_collator=collate).train()
     model.save_pretrained(language)
-    tokenizer.pad_token = None  # set for the batches above only; Flaminko's processor adds its own
-    tokenizer.save_pretrained(language)
 
 
 class AttributeClassifier(torch.nn.Module):
