@@ -70,9 +70,11 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads of each run (OMP_NUM_THREADS)")
     parser.add_argument("--steps", type=int, default=None, help="the demo's default budget when not given")
     parser.add_argument("--out", default="results/demo-seeds.json")
+    parser.add_argument("--keep", help="a folder to keep each run's demo folder in (seed-N-threads-T); a temporary one when not given")
     args = parser.parse_args()
     runs = []
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as temporary:
+        work = args.keep or temporary
         for threads in args.threads:
             for seed in args.seeds:
                 runs.append(run_demo(seed, threads, args.steps, Path(work)))
