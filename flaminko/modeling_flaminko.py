@@ -362,6 +362,20 @@ def _is_prompt(cache) -> bool:
     return isinstance(length, int) and length == 0
 
 
+def language_model_context(text_config) -> int | None:
+    """The most tokens the LM takes: max_position_embeddings, or the longer context its RoPE parameters set
+    up (original_max_position_embeddings, max_position_embeddings when not given, times a scaling factor)."""
+    context = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None)
+    if context is None or not isinstance(rope, dict):
+        return context
+    factor = rope.get("factor", 1.0) if rope.get("rope_type", "default") != "default" else 1.0
+    original = rope.get("original_max_position_embeddings", context)
+    if not isinstance(factor, (int, float)) or not isinstance(original, int):
+        return context
+    return max(context, int(original * factor))
+
+
 def decoder_layers_path(language_model: PreTrainedModel) -> str:
     """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
     model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
@@ -784,23 +798,29 @@ class FlaminkoLanguageModelBody(nn.Module):
     """A causal LM's body: its base model (embeddings, decoder layers, final norm), without the output
     layer, under the attribute the LM keeps it under (gpt_neox, model, transformer...), so that its
     parameters have the LM's own names. FlaminkoModel's weights are FlaminkoForConditionalGeneration's
-    less the output layer."""
+    less the output layer. It stands for the LM's base model (its config, its attention support...), as
+    the `language_model` of transformers' composite models is the LM's base model."""
 
     def __init__(self, language_model: PreTrainedModel):
         super().__init__()
         self.body_name = language_model.base_model_prefix
-        self.config = language_model.config
         setattr(self, self.body_name, language_model.base_model)
+        # transformers gathers a composite model's parallel plans from its children, by the children's names.
+        for plan in ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan"):
+            entries = getattr(self.body, plan, None) or {}
+            setattr(self, plan, {f"{self.body_name}.{name}": value for name, value in entries.items()})
 
     @property
     def body(self) -> PreTrainedModel:
         return getattr(self, self.body_name)
 
-    def get_input_embeddings(self):
-        return self.body.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.body.set_input_embeddings(value)
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "body_name":
+                raise
+            return getattr(self.body, name)
 
     def forward(self, **kwargs):
         return self.body(**kwargs)
@@ -1191,7 +1211,7 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         elif image_features is not None:
             image_features = self._checked_image_features(image_features, batch, media_expansion, prompt)
         past_length = cache.get_seq_length() if cache is not None else 0
-        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        context = language_model_context(self.config.text_config)
         # (A static cache's length is a tensor: its size bounds the context itself.)
         if context is not None and isinstance(past_length, int) and past_length + length > context:
             raise ValueError(

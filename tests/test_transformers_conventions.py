@@ -343,3 +343,16 @@ def test_image_token_id_is_the_media_token_id():
     assert FlaminkoConfig(image_token_id=9).media_token_id == 9
     assert "image_token_id" not in config.to_dict()
 
+
+
+def test_rope_scaling_extends_the_context_the_model_accepts():
+    from flaminko.modeling_flaminko import language_model_context
+    from flaminko.tiny import tiny_text_config
+
+    config = tiny_text_config("llama", vocab_size=100, max_position_embeddings=64)
+    assert language_model_context(config) == 64
+    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0}
+    assert language_model_context(config) == 256
+    config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert language_model_context(config) == 128
+    assert language_model_context(tiny_text_config("gpt2", vocab_size=100)) == 512  # learned positions: no more

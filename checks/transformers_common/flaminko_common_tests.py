@@ -5,6 +5,7 @@ distribution, next to the mixins it imports; not part of Flaminko's own suite.
 """
 
 import unittest
+from unittest import mock
 
 import torch
 from transformers import CLIPImageProcessorPil
@@ -13,6 +14,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration, FlaminkoModel, FlaminkoProcessor
 from flaminko.tiny import shipped_text, tiny_vision_config, train_tokenizer
 
+from ... import test_modeling_common
 from ...test_configuration_common import ConfigTester
 from ...test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 from ...test_processing_common import ProcessorTesterMixin
@@ -119,6 +121,24 @@ class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCa
         # Text-only by its docstring, it passes no images: <image> tokens without theirs are an error (invariant 8).
         self.model_tester.text_only = True
         super().test_generate_from_random_inputs_embeds()
+
+    def text_token_ids(self, shape, vocab_size, rng=None, name=None):
+        """ids_tensor over the text tokens only: no <image> (or <|endofchunk|>) among them."""
+        return ids_tensor(shape, self.model_tester.media_token_id - 3, rng, name) + 3
+
+    # Text-only by their own account (input_ids alone, longer than the context RoPE scaling extends), their random
+    # ids are drawn from the text tokens: <image> tokens without their images are an error (invariant 8).
+    def test_model_rope_scaling_from_config_0_linear(self):
+        with mock.patch.object(test_modeling_common, "ids_tensor", self.text_token_ids):
+            super().test_model_rope_scaling_from_config_0_linear()
+
+    def test_model_rope_scaling_from_config_1_dynamic(self):
+        with mock.patch.object(test_modeling_common, "ids_tensor", self.text_token_ids):
+            super().test_model_rope_scaling_from_config_1_dynamic()
+
+    def test_model_rope_scaling_from_config_2_yarn(self):
+        with mock.patch.object(test_modeling_common, "ids_tensor", self.text_token_ids):
+            super().test_model_rope_scaling_from_config_2_yarn()
 
 
 class FlaminkoProcessorTest(ProcessorTesterMixin, unittest.TestCase):
