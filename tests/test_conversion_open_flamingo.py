@@ -16,9 +16,16 @@ from flaminko.conversion.reference import build_open_flamingo, compare_with_open
 
 
 def open_flamingo_train_utils():
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # imported at the top, unused when saving
-    from open_flamingo.train import train_utils
-
+    # train_utils imports wandb at the top, unused when saving. The stand-in leaves once it is imported: later
+    # in the session, libraries that look for wandb (TRL's trainers) would take it for the real one.
+    stand_in = "wandb" not in sys.modules
+    if stand_in:
+        sys.modules["wandb"] = types.ModuleType("wandb")
+    try:
+        from open_flamingo.train import train_utils
+    finally:
+        if stand_in:
+            del sys.modules["wandb"]
     return train_utils
 
 
