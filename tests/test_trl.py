@@ -1,5 +1,6 @@
-"""TRL's trainers on Flaminko, with their defaults: SFT (full and LoRA), DPO and GRPO train a few steps on
-a tiny model, through transformers' base-model convention (`base_model` + `get_output_embeddings()`)."""
+"""TRL's trainers on Flaminko, with their default settings but for the run's size (2 steps of 2 samples, on
+the CPU): SFT (full and LoRA), DPO and GRPO train a tiny model loaded from its folder, TRL's fused loss going
+through transformers' base-model convention (`base_model` + `get_output_embeddings()`)."""
 
 import pytest
 import torch
