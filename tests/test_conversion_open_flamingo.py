@@ -178,6 +178,8 @@ def test_openflaminko_checkpoint_loads_into_a_remote_code_model_without_the_pack
     torch.save(inputs, tmp_path / "inputs.pt")
     (tmp_path / "load.py").write_text(REMOTE_LOAD_SCRIPT)
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    # The logits are compared bit for bit: both processes sum in the same order only with the same thread count.
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     arguments = [tmp_path / "fresh", checkpoint_path, tmp_path / "inputs.pt", tmp_path / "logits.pt"]
     result = subprocess.run(
         [sys.executable, str(tmp_path / "load.py"), *map(str, arguments)], capture_output=True, text=True, cwd=tmp_path, env=env
