@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "FlaminkoConfig": "configuration_flaminko",
     "FlaminkoForConditionalGeneration": "modeling_flaminko",
+    "FlaminkoModel": "modeling_flaminko",
     "FlaminkoPreTrainedModel": "modeling_flaminko",
     "FlaminkoProcessor": "processing_flaminko",
     "create_model_and_transforms": "open_flamingo",

@@ -93,6 +93,8 @@ class FlaminkoConfig(PreTrainedConfig):
     model_type = "flaminko"
     keys_to_ignore_at_inference = [CACHE_NAME, "image_outputs", "image_features", "media_key_values", "image_token_count"]
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+    # transformers' vision-language models name their placeholder's id `image_token_id` (TRL reads it).
+    attribute_map = {"image_token_id": "media_token_id"}
 
     def __init__(
         self,

@@ -362,6 +362,20 @@ def _is_prompt(cache) -> bool:
     return isinstance(length, int) and length == 0
 
 
+def language_model_context(text_config) -> int | None:
+    """The most tokens the LM takes: max_position_embeddings, or the longer context its RoPE parameters set
+    up (original_max_position_embeddings, max_position_embeddings when not given, times a scaling factor)."""
+    context = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None)
+    if context is None or not isinstance(rope, dict):
+        return context
+    factor = rope.get("factor", 1.0) if rope.get("rope_type", "default") != "default" else 1.0
+    original = rope.get("original_max_position_embeddings", context)
+    if not isinstance(factor, (int, float)) or not isinstance(original, int):
+        return context
+    return max(context, int(original * factor))
+
+
 def decoder_layers_path(language_model: PreTrainedModel) -> str:
     """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
     model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
@@ -698,6 +712,24 @@ def _cache_field_named_by_transformers(output_class):
 
 @dataclass
 @_cache_field_named_by_transformers
+class FlaminkoModelOutputWithPast(ModelOutput):
+    """
+    last_hidden_state: (B, T, D_text) the LM's final hidden states (after its last norm), before its output layer.
+    image_outputs, image_features, media_key_values, image_token_count: as in FlaminkoCausalLMOutputWithPast.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    image_features: torch.FloatTensor | None = None
+    media_key_values: tuple[tuple[torch.FloatTensor, torch.FloatTensor], ...] | None = None
+    image_token_count: torch.LongTensor | None = None
+
+
+@dataclass
+@_cache_field_named_by_transformers
 class FlaminkoCausalLMOutputWithPast(ModelOutput):
     """
     image_outputs: get_image_features' output for the call's pixel_values (None when none were given).
@@ -762,108 +794,95 @@ class FlaminkoPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin):
-    """CLIP vision tower -> Perceiver resampler -> gated cross-attention in front of a causal LM.
+class FlaminkoLanguageModelBody(nn.Module):
+    """A causal LM's body: its base model (embeddings, decoder layers, final norm), without the output
+    layer, under the attribute the LM keeps it under (gpt_neox, model, transformer...), so that its
+    parameters have the LM's own names. FlaminkoModel's weights are FlaminkoForConditionalGeneration's
+    less the output layer. It stands for the LM's base model (its config, its attention support...), as
+    the `language_model` of transformers' composite models is the LM's base model."""
 
-    `vision_model` and `language_model` may be given prebuilt (e.g. pretrained); otherwise they
-    are built from the config.
+    def __init__(self, language_model: PreTrainedModel):
+        super().__init__()
+        self.body_name = language_model.base_model_prefix
+        setattr(self, self.body_name, language_model.base_model)
+        # transformers gathers a composite model's parallel plans from its children, by the children's names.
+        for plan in ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan"):
+            entries = getattr(self.body, plan, None) or {}
+            setattr(self, plan, {f"{self.body_name}.{name}": value for name, value in entries.items()})
+
+    @property
+    def body(self) -> PreTrainedModel:
+        return getattr(self, self.body_name)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "body_name":
+                raise
+            return getattr(self.body, name)
+
+    def forward(self, **kwargs):
+        return self.body(**kwargs)
+
+
+class FlaminkoModel(FlaminkoPreTrainedModel):
+    """CLIP vision tower -> Perceiver resampler -> gated cross-attention in front of a causal LM's body:
+    transformers' base model, returning the LM's last hidden states (no output layer, no logits).
+
+    `vision_model` and `language_model` (a causal LM, of which the body is kept) may be given prebuilt
+    (e.g. pretrained); otherwise they are built from the config.
     """
 
     def __init__(self, config: FlaminkoConfig, *, vision_model=None, language_model=None):
         super().__init__(config)
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
         self.perceiver = FlaminkoPerceiverResampler(config)
-        self.language_model = (
-            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
-        )
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = self._kept_part_of(language_model)
         add_mpt_query_key_layernorm(self.language_model)
         self.cross_attn_layers = nn.ModuleDict(
             {str(i): FlaminkoGatedCrossAttentionBlock(config) for i in config.cross_attn_layer_indices}
         )
         for i, layer in enumerate(decoder_layers(self.language_model)):
             layer.register_forward_pre_hook(_RouteMedia(i, self.cross_attn_layers), with_kwargs=True)
-        if config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            # Dynamo cannot trace ContextVar.set: the step breaks the graph there.
-            self._can_compile_fullgraph = False
+        self._set_compile_support()
         self.post_init()
         self.apply_freezing()
-        self._set_generation_defaults()
 
-    def _set_generation_defaults(self):
-        """<|endofchunk|> (and the LM's EOS) end generation; <image> is never generated, since no
-        image would stand behind it."""
-        config = self.config
-        if self.generation_config is None:
-            return
-        if config.eoc_token_id is not None:
-            text_eos = config.text_config.eos_token_id
-            text_eos = text_eos if isinstance(text_eos, list) else [text_eos] if text_eos is not None else []
-            self.generation_config.eos_token_id = [config.eoc_token_id, *text_eos]
-        if config.media_token_id is not None:
-            self.generation_config.suppress_tokens = [config.media_token_id]
-        self.generation_config.pad_token_id = config.text_config.pad_token_id
+    @staticmethod
+    def _kept_part_of(language_model: PreTrainedModel) -> nn.Module:
+        """The part of the causal LM this model keeps: its body, without the output layer."""
+        return FlaminkoLanguageModelBody(language_model)
+
+    def _set_compile_support(self):
+        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
+            # Dynamo cannot trace ContextVar.set: the step breaks the graph there.
+            self._can_compile_fullgraph = False
 
     @classmethod
-    def from_backbones(
-        cls,
-        vision_model_name_or_path,
-        language_model_name_or_path,
-        *,
-        tokenizer_name_or_path=None,
-        dtype=torch.float32,
-        **config_kwargs,
-    ):
-        """A model with a pretrained CLIP vision tower and causal LM (Hub ids or folders) and a fresh
-        resampler and gated cross-attention; returns (model, processor).
+    def _made_of_modules_of(cls, model: "FlaminkoForConditionalGeneration") -> "FlaminkoModel":
+        """A FlaminkoModel made of `model`'s own modules (the LM's body in place of the whole LM): its
+        parameters are the model's, under the same names, and the media already reach its gated blocks."""
+        # Built by hand, not through __init__: the modules are there, initialised (or trained), frozen
+        # as the caller left them (by PEFT, say), their decoder layers already routing the media.
+        view = cls.__new__(cls)
+        FlaminkoPreTrainedModel.__init__(view, model.config)
+        view.vision_model = model.vision_model
+        view.perceiver = model.perceiver
+        view.language_model = FlaminkoLanguageModelBody(model.language_model)
+        view.cross_attn_layers = model.cross_attn_layers
+        view._set_compile_support()
+        with init.no_init_weights():
+            view.post_init()
+        return view
 
-        The tokenizer comes from the LM unless tokenizer_name_or_path is given; config_kwargs go to
-        FlaminkoConfig (e.g. cross_attn_every_n_layers=4). The whole model is built in `dtype`
-        (float32 unless given, as OpenFlamingo builds it): the backbones' files name dtypes of their
-        own (CLIP float32, mpt-7b bfloat16, LLaMA-7B float16), which transformers would otherwise keep.
-        """
-        _check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
-        _check_local_path(language_model_name_or_path, "language_model_name_or_path")
-        vision_type = AutoConfig.from_pretrained(vision_model_name_or_path).model_type
-        if vision_type not in ("clip", "clip_vision_model"):
-            raise ValueError(
-                f"{str(vision_model_name_or_path)!r} holds a {vision_type} model, not a CLIP vision tower: "
-                "Flaminko's vision tower is a CLIPVisionModel"
-            )
-        vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
-        language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
-        tokenizer.padding_side = "left"
-        image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
-        processor = FlaminkoProcessor(image_processor=image_processor, tokenizer=tokenizer)
-        config = FlaminkoConfig(
-            vision_config=vision_model.config,
-            text_config=language_model.config,
-            media_token_id=processor.image_token_id,
-            eoc_token_id=processor.end_of_chunk_token_id,
-            **config_kwargs,
-        )
-        if config.max_num_frames is not None:
-            processor.max_num_frames = config.max_num_frames
-        model = cls(config, vision_model=vision_model, language_model=language_model)
-        # Resized after construction, so that post_init never re-initialises the pretrained rows.
-        original_rows = model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > original_rows:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            model._init_new_token_rows(original_rows)
-            model.apply_freezing()
-        language_model.config.pad_token_id = tokenizer.pad_token_id
-        model._set_generation_defaults()
-        if dtype is not None:
-            model.to(dtype)
-        return model, processor
-
-    def _init_new_token_rows(self, original_rows: int):
-        """The rows of the added tokens start at the mean of the pretrained rows (input and output
-        embeddings), a deterministic start that keeps their first logits ordinary."""
-        output = self.get_output_embeddings()
-        with torch.no_grad():
-            for weight in {self.get_input_embeddings().weight, *([output.weight] if output is not None else [])}:
-                weight[original_rows:] = weight[:original_rows].mean(0)
+    def _is_made_of_modules_of(self, model) -> bool:
+        """Whether this model is still made of `model`'s modules (none has been replaced on either since)."""
+        mine = (self.vision_model, self.perceiver, self.language_model.body, self.cross_attn_layers)
+        theirs = (model.vision_model, model.perceiver, model.language_model.base_model, model.cross_attn_layers)
+        return all(a is b for a, b in zip(mine, theirs))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -895,31 +914,6 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         setattr(quantization_config, field, list(cls._modules_not_to_quantize))
         return quantization_config
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Also takes OpenFlamingo's checkpoint layout (`lang_encoder.*`, `perceiver.layers.i.0.*`),
-        so OpenFlamingo code that loads a checkpoint.pt into the model runs unchanged. Such a state
-        dict is placed key by key; a key with no place or a weight it leaves unfilled is an error.
-        The buffers a transformers 4.x checkpoint carries are checked against what the model
-        computes and left out, as `flaminko convert` does."""
-        if is_open_flamingo_state_dict(state_dict):
-            state_dict, _ = drop_recomputed_buffers(state_dict, self)
-            # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
-            place_open_flamingo_checkpoint(
-                self, state_dict, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
-            )
-            return nn.modules.module._IncompatibleKeys([], [])
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if self._auto_class is not None:
-            # register_for_auto_class records one auto class; the saved code serves these two as well.
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModel": "modeling_flaminko.FlaminkoForConditionalGeneration",
-                "AutoProcessor": "processing_flaminko.FlaminkoProcessor",
-            }
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
     def apply_freezing(self):
         """Set requires_grad from the config (OpenFlamingo's default: only the resampler, the
         gated blocks and the <image>/<|endofchunk|> embedding rows train)."""
@@ -942,15 +936,6 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self):
-        return self.language_model.get_decoder()
 
     def _restrict_embedding_gradients(self):
         """The row mask lives on the embedding parameter itself, so a reloaded or resized matrix
@@ -1168,6 +1153,308 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         key_values = {int(i): kv for i, kv in zip(self.cross_attn_layers.keys(), media_key_values)}
         return FlaminkoMedia(key_values, mask, has_media), media_key_values
 
+    def _image_tokens(self, input_ids, inputs_embeds) -> torch.BoolTensor | None:
+        """(B, T) True at the <image> places: its token id in input_ids, or its embedding row in
+        inputs_embeds (as transformers' vision-language models find their placeholders)."""
+        media_id = self.config.media_token_id
+        if media_id is None:
+            return None
+        if input_ids is not None:
+            return input_ids == media_id
+        weight = self.get_input_embeddings().weight
+        image_embedding = weight[media_id]
+        if not torch.compiler.is_compiling() and int((weight == image_embedding).all(-1).sum()) > 1:
+            # from_backbones starts every new token's row at the same mean, until training sets them apart.
+            raise ValueError(
+                "inputs_embeds cannot show where the images go: another token has the embedding of <image> "
+                "(new token rows are equal until trained); pass input_ids"
+            )
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+
+    def _run_language_model(
+        self,
+        text_model: nn.Module,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        position_ids,
+        cache,
+        inputs_embeds,
+        image_features,
+        media_key_values,
+        past_image_token_count,
+        media_expansion,
+        use_cache,
+        labels=None,
+        **kwargs,
+    ) -> tuple[ModelOutput, dict]:
+        """Checks the inputs, encodes the images and runs `text_model` (the causal LM, or its body without the
+        output layer) with the call's media routed to the gated blocks: (its output, the media fields of
+        Flaminko's output)."""
+        cache = _take_cache(cache, kwargs)
+        prompt = _is_prompt(cache)
+        self._check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds)
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or image_features, not both")
+        image_outputs = None
+        if pixel_values is not None:
+            asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
+            image_features = image_outputs.pooler_output
+            if image_features.shape[0] * media_expansion != batch:
+                raise ValueError(
+                    f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {batch}"
+                    + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
+                )
+            media_key_values = None
+        elif image_features is not None:
+            image_features = self._checked_image_features(image_features, batch, media_expansion, prompt)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        context = language_model_context(self.config.text_config)
+        # (A static cache's length is a tensor: its size bounds the context itself.)
+        if context is not None and isinstance(past_length, int) and past_length + length > context:
+            raise ValueError(
+                f"{past_length + length} tokens exceed the language model's context of {context}: "
+                "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
+            )
+        image_tokens = self._image_tokens(input_ids, inputs_embeds)
+        media, media_key_values = self._build_media(
+            image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
+        )
+        self._restrict_embedding_gradients()
+        if labels is not None:
+            kwargs["labels"] = labels
+        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
+            context = _MEDIA_OF_THIS_CALL.set(media)
+        else:
+            context = None
+            kwargs[MEDIA_KWARG] = media
+        try:
+            outputs = text_model(
+                # Given both, the ids have placed the images and the embeddings feed the LM.
+                input_ids=input_ids if inputs_embeds is None else None,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                return_dict=True,
+                **{CACHE_NAME: cache},
+                **kwargs,
+            )
+        finally:
+            if context is not None:
+                _MEDIA_OF_THIS_CALL.reset(context)
+        if len(self.cross_attn_layers) and media.layers_reached == 0:
+            raise RuntimeError(
+                f"{type(text_model).__name__} did not pass the media to its decoder layers; "
+                "its layers must receive the keyword arguments of the model's forward"
+            )
+        image_token_count = None
+        if image_tokens is not None:
+            image_token_count = image_token_positions(image_tokens, past_image_token_count)[:, -1]
+        media_fields = dict(
+            image_outputs=image_outputs,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            image_token_count=image_token_count,
+        )
+        return outputs, media_fields
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        media_key_values: tuple | None = None,
+        past_image_token_count: torch.LongTensor | None = None,
+        media_expansion: int = 1,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | FlaminkoModelOutputWithPast:
+        r"""
+        pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
+        inputs_embeds: (B, T, D) for the LM instead of the embeddings of input_ids. Alone, the images go where the
+            <image> token's embedding stands; with input_ids of the same (B, T), where their <image> tokens stand.
+        image_features: (B, T_img * L, D_vision) resampled latents, the `image_features` of a previous call's
+            output or `get_image_features`' pooler_output (instead of pixel_values).
+        media_key_values: the media keys/values of a previous call's output (with image_features).
+        cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
+        past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.
+        media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
+            sequences share their prompt's images, which are encoded and projected once).
+        """
+        outputs, media_fields = self._run_language_model(
+            self.language_model,
+            input_ids,
+            pixel_values,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            image_features,
+            media_key_values,
+            past_image_token_count,
+            media_expansion,
+            use_cache,
+            **kwargs,
+        )
+        return FlaminkoModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **media_fields,
+        )
+
+
+class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
+    """CLIP vision tower -> Perceiver resampler -> gated cross-attention in front of a causal LM, kept
+    whole (with its output layer) under `language_model`.
+
+    `vision_model` and `language_model` may be given prebuilt (e.g. pretrained); otherwise they
+    are built from the config.
+    """
+
+    base_model_prefix = "model"
+
+    def __init__(self, config: FlaminkoConfig, *, vision_model=None, language_model=None):
+        super().__init__(config, vision_model=vision_model, language_model=language_model)
+        self._set_generation_defaults()
+
+    @staticmethod
+    def _kept_part_of(language_model: PreTrainedModel) -> nn.Module:
+        """The whole causal LM, its output layer included."""
+        return language_model
+
+    @property
+    def model(self) -> FlaminkoModel:
+        """transformers' base model (`base_model`, through `base_model_prefix`): this model without the LM's
+        output layer, returning the LM's last hidden states, which `get_output_embeddings()` turns into the
+        logits. A view made of this model's own modules, not a submodule: the parameter names stay those of
+        the LM (under `language_model.`) and of the Flamingo parts."""
+        view = self.__dict__.get("_base_model_view")
+        if view is None or not view._is_made_of_modules_of(self):
+            view = FlaminkoModel._made_of_modules_of(self)
+            # In the instance's own dict, not set as an attribute: a submodule would repeat every parameter.
+            self.__dict__["_base_model_view"] = view
+        return view
+
+    def _set_generation_defaults(self):
+        """<|endofchunk|> (and the LM's EOS) end generation; <image> is never generated, since no
+        image would stand behind it."""
+        config = self.config
+        if self.generation_config is None:
+            return
+        if config.eoc_token_id is not None:
+            text_eos = config.text_config.eos_token_id
+            text_eos = text_eos if isinstance(text_eos, list) else [text_eos] if text_eos is not None else []
+            self.generation_config.eos_token_id = [config.eoc_token_id, *text_eos]
+        if config.media_token_id is not None:
+            self.generation_config.suppress_tokens = [config.media_token_id]
+        self.generation_config.pad_token_id = config.text_config.pad_token_id
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model_name_or_path,
+        language_model_name_or_path,
+        *,
+        tokenizer_name_or_path=None,
+        dtype=torch.float32,
+        **config_kwargs,
+    ):
+        """A model with a pretrained CLIP vision tower and causal LM (Hub ids or folders) and a fresh
+        resampler and gated cross-attention; returns (model, processor).
+
+        The tokenizer comes from the LM unless tokenizer_name_or_path is given; config_kwargs go to
+        FlaminkoConfig (e.g. cross_attn_every_n_layers=4). The whole model is built in `dtype`
+        (float32 unless given, as OpenFlamingo builds it): the backbones' files name dtypes of their
+        own (CLIP float32, mpt-7b bfloat16, LLaMA-7B float16), which transformers would otherwise keep.
+        """
+        _check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
+        _check_local_path(language_model_name_or_path, "language_model_name_or_path")
+        vision_type = AutoConfig.from_pretrained(vision_model_name_or_path).model_type
+        if vision_type not in ("clip", "clip_vision_model"):
+            raise ValueError(
+                f"{str(vision_model_name_or_path)!r} holds a {vision_type} model, not a CLIP vision tower: "
+                "Flaminko's vision tower is a CLIPVisionModel"
+            )
+        vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
+        language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
+        tokenizer.padding_side = "left"
+        image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
+        processor = FlaminkoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        config = FlaminkoConfig(
+            vision_config=vision_model.config,
+            text_config=language_model.config,
+            media_token_id=processor.image_token_id,
+            eoc_token_id=processor.end_of_chunk_token_id,
+            **config_kwargs,
+        )
+        if config.max_num_frames is not None:
+            processor.max_num_frames = config.max_num_frames
+        model = cls(config, vision_model=vision_model, language_model=language_model)
+        # Resized after construction, so that post_init never re-initialises the pretrained rows.
+        original_rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > original_rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model._init_new_token_rows(original_rows)
+            model.apply_freezing()
+        language_model.config.pad_token_id = tokenizer.pad_token_id
+        model._set_generation_defaults()
+        if dtype is not None:
+            model.to(dtype)
+        return model, processor
+
+    def _init_new_token_rows(self, original_rows: int):
+        """The rows of the added tokens start at the mean of the pretrained rows (input and output
+        embeddings), a deterministic start that keeps their first logits ordinary."""
+        output = self.get_output_embeddings()
+        with torch.no_grad():
+            for weight in {self.get_input_embeddings().weight, *([output.weight] if output is not None else [])}:
+                weight[original_rows:] = weight[:original_rows].mean(0)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes OpenFlamingo's checkpoint layout (`lang_encoder.*`, `perceiver.layers.i.0.*`),
+        so OpenFlamingo code that loads a checkpoint.pt into the model runs unchanged. Such a state
+        dict is placed key by key; a key with no place or a weight it leaves unfilled is an error.
+        The buffers a transformers 4.x checkpoint carries are checked against what the model
+        computes and left out, as `flaminko convert` does."""
+        if is_open_flamingo_state_dict(state_dict):
+            state_dict, _ = drop_recomputed_buffers(state_dict, self)
+            # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
+            place_open_flamingo_checkpoint(
+                self, state_dict, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
+            )
+            return nn.modules.module._IncompatibleKeys([], [])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # register_for_auto_class records one auto class; the saved code serves these two as well.
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_flaminko.FlaminkoForConditionalGeneration",
+                "AutoProcessor": "processing_flaminko.FlaminkoProcessor",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
     @can_return_tuple
     def forward(
         self,
@@ -1198,98 +1485,32 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
             sequences share their prompt's images, which are encoded and projected once).
         """
-        cache = _take_cache(cache, kwargs)
-        prompt = _is_prompt(cache)
-        self._check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds)
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass pixel_values or image_features, not both")
-        image_outputs = None
-        if pixel_values is not None:
-            asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
-            image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
-            image_features = image_outputs.pooler_output
-            if image_features.shape[0] * media_expansion != batch:
-                raise ValueError(
-                    f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {batch}"
-                    + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
-                )
-            media_key_values = None
-        elif image_features is not None:
-            image_features = self._checked_image_features(image_features, batch, media_expansion, prompt)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        context = getattr(self.config.text_config, "max_position_embeddings", None)
-        # (A static cache's length is a tensor: its size bounds the context itself.)
-        if context is not None and isinstance(past_length, int) and past_length + length > context:
-            raise ValueError(
-                f"{past_length + length} tokens exceed the language model's context of {context}: "
-                "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
-            )
-        image_tokens = self._image_tokens(input_ids, inputs_embeds)
-        media, media_key_values = self._build_media(
-            image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
-        )
-        self._restrict_embedding_gradients()
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            context = _MEDIA_OF_THIS_CALL.set(media)
-        else:
-            context = None
-            kwargs[MEDIA_KWARG] = media
-        try:
-            outputs = self.language_model(
-                # Given both, the ids have placed the images and the embeddings feed the LM.
-                input_ids=input_ids if inputs_embeds is None else None,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                labels=labels,
-                use_cache=use_cache,
-                return_dict=True,
-                **{CACHE_NAME: cache},
-                **kwargs,
-            )
-        finally:
-            if context is not None:
-                _MEDIA_OF_THIS_CALL.reset(context)
-        if len(self.cross_attn_layers) and media.layers_reached == 0:
-            raise RuntimeError(
-                f"{type(self.language_model).__name__} did not pass the media to its decoder layers; "
-                "its layers must receive the keyword arguments of the model's forward"
-            )
-        image_token_count = None
-        if image_tokens is not None:
-            image_token_count = image_token_positions(image_tokens, past_image_token_count)[:, -1]
+        outputs, media_fields = self._run_language_model(
+            self.language_model,
+            input_ids,
+            pixel_values,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            image_features,
+            media_key_values,
+            past_image_token_count,
+            media_expansion,
+            use_cache,
+            labels=labels,
+            **kwargs,
+        )
         return FlaminkoCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_outputs=image_outputs,
-            image_features=image_features,
-            media_key_values=media_key_values,
-            image_token_count=image_token_count,
+            **media_fields,
         )
-
-    def _image_tokens(self, input_ids, inputs_embeds) -> torch.BoolTensor | None:
-        """(B, T) True at the <image> places: its token id in input_ids, or its embedding row in
-        inputs_embeds (as transformers' vision-language models find their placeholders)."""
-        media_id = self.config.media_token_id
-        if media_id is None:
-            return None
-        if input_ids is not None:
-            return input_ids == media_id
-        weight = self.get_input_embeddings().weight
-        image_embedding = weight[media_id]
-        if not torch.compiler.is_compiling() and int((weight == image_embedding).all(-1).sum()) > 1:
-            # from_backbones starts every new token's row at the same mean, until training sets them apart.
-            raise ValueError(
-                "inputs_embeds cannot show where the images go: another token has the embedding of <image> "
-                "(new token rows are equal until trained); pass input_ids"
-            )
-        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
 
     def prepare_inputs_for_generation(
         self,
@@ -1424,4 +1645,10 @@ class FlaminkoForConditionalGeneration(FlaminkoPreTrainedModel, GenerationMixin)
         return super().generate(inputs, **kwargs)
 
 
-__all__ = ["FlaminkoForConditionalGeneration", "FlaminkoPreTrainedModel", "FlaminkoCausalLMOutputWithPast"]
+__all__ = [
+    "FlaminkoForConditionalGeneration",
+    "FlaminkoModel",
+    "FlaminkoPreTrainedModel",
+    "FlaminkoCausalLMOutputWithPast",
+    "FlaminkoModelOutputWithPast",
+]

@@ -249,20 +249,39 @@ def lora_target_modules(model: FlaminkoForConditionalGeneration, *, cross_attent
     return pattern
 
 
-def wrap_with_lora(model, args: ModelArguments):
-    from peft import LoraConfig, get_peft_model
+def lora_config(
+    model: FlaminkoForConditionalGeneration,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    cross_attention: bool = False,
+):
+    """peft's LoraConfig for Flaminko, as `flaminko train --use_lora` builds it and TRL's trainers take it
+    (`peft_config=`): LoRA on the LM's linear layers and the resampler and gated blocks trained fully (with
+    cross_attention: LoRA on the cross-attention instead of full blocks), the <image>/<|endofchunk|> rows
+    through trainable_token_indices."""
+    from peft import LoraConfig
 
     modules_to_save = ["perceiver"]
-    if not args.lora_cross_attention:
+    if not cross_attention:
         modules_to_save += [f"cross_attn_layers.{i}" for i in model.cross_attn_layers]
     new_tokens = [i for i in (model.config.media_token_id, model.config.eoc_token_id) if i is not None]
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=lora_target_modules(model, cross_attention=args.lora_cross_attention),
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_modules(model, cross_attention=cross_attention),
         modules_to_save=modules_to_save,
         trainable_token_indices=new_tokens if model.config.train_new_token_embeddings else None,
+    )
+
+
+def wrap_with_lora(model, args: ModelArguments):
+    from peft import get_peft_model
+
+    config = lora_config(
+        model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, cross_attention=args.lora_cross_attention
     )
     return get_peft_model(model, config)
 

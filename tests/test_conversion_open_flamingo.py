@@ -16,9 +16,16 @@ from flaminko.conversion.reference import build_open_flamingo, compare_with_open
 
 
 def open_flamingo_train_utils():
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # imported at the top, unused when saving
-    from open_flamingo.train import train_utils
-
+    # train_utils imports wandb at the top, unused when saving. The stand-in leaves once it is imported: later
+    # in the session, libraries that look for wandb (TRL's trainers) would take it for the real one.
+    stand_in = "wandb" not in sys.modules
+    if stand_in:
+        sys.modules["wandb"] = types.ModuleType("wandb")
+    try:
+        from open_flamingo.train import train_utils
+    finally:
+        if stand_in:
+            del sys.modules["wandb"]
     return train_utils
 
 
@@ -171,6 +178,8 @@ def test_openflaminko_checkpoint_loads_into_a_remote_code_model_without_the_pack
     torch.save(inputs, tmp_path / "inputs.pt")
     (tmp_path / "load.py").write_text(REMOTE_LOAD_SCRIPT)
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    # The logits are compared bit for bit: both processes sum in the same order only with the same thread count.
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     arguments = [tmp_path / "fresh", checkpoint_path, tmp_path / "inputs.pt", tmp_path / "logits.pt"]
     result = subprocess.run(
         [sys.executable, str(tmp_path / "load.py"), *map(str, arguments)], capture_output=True, text=True, cwd=tmp_path, env=env

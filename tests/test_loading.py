@@ -134,6 +134,10 @@ REMOTE_SCRIPT = textwrap.dedent(
     images = [Image.open(path) for path in sys.argv[2:]]
     batch = processor(text="<image>빨간색 원<|endofchunk|><image>파란색", images=images)
     out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    # transformers' base model (what TRL's fused loss runs) comes with the remote code too.
+    with torch.no_grad():
+        hidden = model.base_model(**batch).last_hidden_state
+        assert torch.allclose(model.get_output_embeddings()(hidden), model(**batch).logits, atol=1e-6)
     print(type(config).__name__, type(processor).__name__, out[0].tolist())
     """
 )

@@ -12,7 +12,8 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from conftest import build_model, noise_image
-from flaminko import FlaminkoForConditionalGeneration, FlaminkoProcessor
+from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration, FlaminkoModel, FlaminkoProcessor
+from flaminko.tiny import TEXT_FAMILIES
 
 PROMPT = "<image>빨간색 원<|endofchunk|><image>파란색"
 
@@ -284,3 +285,74 @@ def test_processor_to_dict_survives_a_save_and_load(llama, tmp_path):
     # The folder still carries the remote-code map.
     saved = json.loads((tmp_path / "second" / "processor_config.json").read_text())
     assert saved["auto_map"]["AutoProcessor"] == "processing_flaminko.FlaminkoProcessor"
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_base_model_returns_the_hidden_states_the_output_layer_turns_into_the_logits(backbones, family):
+    """transformers' base-model convention (what TRL's fused LM head runs): `base_model` is Flaminko without
+    the output layer, for every LM family (MPT's tied head included), and a view that adds no parameter."""
+    model, processor = build_model(backbones, family)
+    names = [name for name, _ in model.named_parameters()]
+    batch = processor(text=["<image>빨간색 네모", "파란색 <image>네모 하나"], images=[[noise_image(0)], [noise_image(1)]])
+    base = model.base_model
+    assert isinstance(base, FlaminkoModel) and not isinstance(base, FlaminkoForConditionalGeneration)
+    assert model.base_model is base
+    with torch.no_grad():
+        output = base(**batch)
+        logits = model(**batch).logits
+    torch.testing.assert_close(model.get_output_embeddings()(output.last_hidden_state), logits, rtol=0, atol=1e-6)
+    assert output.image_token_count.tolist() == [1, 1]
+    assert [name for name, _ in model.named_parameters()] == names
+    body = f"language_model.{model.language_model.base_model_prefix}."
+    head_only = {name for name in model.state_dict() if name.startswith("language_model.") and not name.startswith(body)}
+    assert head_only and set(base.state_dict()) == set(model.state_dict()) - head_only
+
+
+def test_base_model_shares_the_weights_and_the_freezing_and_follows_replaced_modules(llama):
+    model, _ = llama
+    base = model.base_model
+    assert base.perceiver.latents is model.perceiver.latents
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad and n in dict(base.named_parameters())
+    }
+    original = model.perceiver
+    try:
+        model.perceiver = torch.nn.Sequential(original)
+        assert model.base_model.perceiver is model.perceiver
+    finally:
+        model.perceiver = original
+
+
+def test_base_and_whole_model_load_each_others_folders(llama, tmp_path, batch):
+    model, _ = llama
+    model.base_model.save_pretrained(tmp_path / "base")
+    whole, info = FlaminkoForConditionalGeneration.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert set(info["missing_keys"]) == {"language_model.lm_head.weight"} and not info["unexpected_keys"]
+    model.save_pretrained(tmp_path / "whole")
+    base, info = FlaminkoModel.from_pretrained(tmp_path / "whole", output_loading_info=True)
+    assert not info["missing_keys"] and set(info["unexpected_keys"]) == {"language_model.lm_head.weight"}
+    with torch.no_grad():
+        expected = model.base_model(**batch).last_hidden_state
+        torch.testing.assert_close(base.eval()(**batch).last_hidden_state, expected, rtol=0, atol=0)
+        torch.testing.assert_close(whole.eval().base_model(**batch).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def test_image_token_id_is_the_media_token_id():
+    config = FlaminkoConfig(media_token_id=7)
+    assert config.image_token_id == 7
+    assert FlaminkoConfig(image_token_id=9).media_token_id == 9
+    assert "image_token_id" not in config.to_dict()
+
+
+
+def test_rope_scaling_extends_the_context_the_model_accepts():
+    from flaminko.modeling_flaminko import language_model_context
+    from flaminko.tiny import tiny_text_config
+
+    config = tiny_text_config("llama", vocab_size=100, max_position_embeddings=64)
+    assert language_model_context(config) == 64
+    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0}
+    assert language_model_context(config) == 256
+    config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert language_model_context(config) == 128
+    assert language_model_context(tiny_text_config("gpt2", vocab_size=100)) == 512  # learned positions: no more

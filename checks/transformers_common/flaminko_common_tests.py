@@ -5,19 +5,25 @@ distribution, next to the mixins it imports; not part of Flaminko's own suite.
 """
 
 import unittest
+from unittest import mock
 
 import torch
 from transformers import CLIPImageProcessorPil
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration, FlaminkoProcessor
+from flaminko import FlaminkoConfig, FlaminkoForConditionalGeneration, FlaminkoModel, FlaminkoProcessor
 from flaminko.tiny import shipped_text, tiny_vision_config, train_tokenizer
 
+from ... import test_modeling_common
 from ...test_configuration_common import ConfigTester
 from ...test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 from ...test_processing_common import ProcessorTesterMixin
 from ...generation.test_utils import GenerationTesterMixin
 
 NOT_FOR_FLAMINGO = "not applicable to Flamingo: "
+# The tests find a model's base class in transformers' own table of base models, where a model shipped with
+# transformers is listed under its model type.
+MODEL_MAPPING_NAMES[FlaminkoConfig.model_type] = FlaminkoModel.__name__
 
 
 class FlaminkoModelTester:
@@ -90,7 +96,7 @@ class FlaminkoModelTester:
 
 
 class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
-    all_model_classes = (FlaminkoForConditionalGeneration,)
+    all_model_classes = (FlaminkoModel, FlaminkoForConditionalGeneration)
     pipeline_model_mapping = {}
     additional_model_inputs = ["pixel_values"]
     # A model of 2026: its configuration file has no copyright year for the test to read.
@@ -116,13 +122,23 @@ class FlaminkoModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCa
         self.model_tester.text_only = True
         super().test_generate_from_random_inputs_embeds()
 
-    @unittest.skip(NOT_FOR_FLAMINGO + "the LM is kept whole under `language_model`: there is no separate base model")
-    def test_model_base_model_prefix(self):
-        pass
+    def text_token_ids(self, shape, vocab_size, rng=None, name=None):
+        """ids_tensor over the text tokens only: no <image> (or <|endofchunk|>) among them."""
+        return ids_tensor(shape, self.model_tester.media_token_id - 3, rng, name) + 3
 
-    @unittest.skip(NOT_FOR_FLAMINGO + "the LM is kept whole under `language_model`: there is no separate base model")
-    def test_base_model_prefix_loads_base_weights(self):
-        pass
+    # Text-only by their own account (input_ids alone, longer than the context RoPE scaling extends), their random
+    # ids are drawn from the text tokens: <image> tokens without their images are an error (invariant 8).
+    def test_model_rope_scaling_from_config_0_linear(self):
+        with mock.patch.object(test_modeling_common, "ids_tensor", self.text_token_ids):
+            super().test_model_rope_scaling_from_config_0_linear()
+
+    def test_model_rope_scaling_from_config_1_dynamic(self):
+        with mock.patch.object(test_modeling_common, "ids_tensor", self.text_token_ids):
+            super().test_model_rope_scaling_from_config_1_dynamic()
+
+    def test_model_rope_scaling_from_config_2_yarn(self):
+        with mock.patch.object(test_modeling_common, "ids_tensor", self.text_token_ids):
+            super().test_model_rope_scaling_from_config_2_yarn()
 
 
 class FlaminkoProcessorTest(ProcessorTesterMixin, unittest.TestCase):
