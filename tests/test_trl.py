@@ -61,7 +61,9 @@ def common_args(tmp_path):
 
 
 def snapshot(model):
-    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    """The weights as they are, and the names of the trainable ones."""
+    weights = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    return weights, {name for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
 def assert_trained_only_the_trainable(model, before, trainable_before):
@@ -94,8 +96,7 @@ def model_and_processor(backbones, tmp_path):
 
 def test_sft_trains_and_its_fused_loss_is_flaminkos_loss(model_and_processor, tmp_path):
     model, processor = model_and_processor
-    before = snapshot(model)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before, trainable = snapshot(model)
     trainer = trl.SFTTrainer(
         model=model,
         args=trl.SFTConfig(**common_args(tmp_path)),
@@ -116,7 +117,7 @@ def test_sft_with_lora(model_and_processor, tmp_path):
     from flaminko.training import lora_config
 
     model, processor = model_and_processor
-    before = snapshot(model)
+    before, _ = snapshot(model)
     trainer = trl.SFTTrainer(
         model=model,
         args=trl.SFTConfig(**common_args(tmp_path)),
@@ -139,8 +140,7 @@ def test_sft_with_lora(model_and_processor, tmp_path):
 
 def test_dpo_trains_on_image_preference_pairs(model_and_processor, tmp_path):
     model, processor = model_and_processor
-    before = snapshot(model)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before, trainable = snapshot(model)
     trainer = trl.DPOTrainer(
         model=model,
         args=trl.DPOConfig(**common_args(tmp_path)),
@@ -153,8 +153,7 @@ def test_dpo_trains_on_image_preference_pairs(model_and_processor, tmp_path):
 
 def test_grpo_generates_with_the_images_and_trains(model_and_processor, tmp_path):
     model, processor = model_and_processor
-    before = snapshot(model)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before, trainable = snapshot(model)
     images_seen = []
     generate = model.generate
 
