@@ -818,7 +818,9 @@ class FlaminkoLanguageModelBody(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "body_name":
+            # Nothing to forward to before __init__ names the body: DeepSpeed's zero.Init looks attributes up
+            # as it enters __init__, and forwarding would ask for the body again, without end.
+            if "body_name" not in self.__dict__:
                 raise
             return getattr(self.body, name)
 
@@ -1058,7 +1060,9 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_ids.shape)}")
         if prompt and not torch.compiler.is_compiling():
-            vocab = self.get_input_embeddings().weight.shape[0]
+            # From the config, which resizing keeps equal to the embedding's rows: the weight itself may be
+            # partitioned (DeepSpeed ZeRO-3) or computed anew on each access (a PEFT token wrapper).
+            vocab = self.config.get_text_config().vocab_size
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= vocab:
                 raise ValueError(
@@ -1385,8 +1389,11 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
                 f"{str(vision_model_name_or_path)!r} holds a {vision_type} model, not a CLIP vision tower: "
                 "Flaminko's vision tower is a CLIPVisionModel"
             )
-        vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
-        language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
+        # The fresh resampler and gated blocks draw from the generator as it was before loading: under
+        # DeepSpeed ZeRO-3 loading the vision tower draws from it, and ordinary loading does not.
+        with torch.random.fork_rng(devices=[]):
+            vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
+            language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
         tokenizer.padding_side = "left"
         image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
@@ -1402,7 +1409,9 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
             processor.max_num_frames = config.max_num_frames
         model = cls(config, vision_model=vision_model, language_model=language_model)
         # Resized after construction, so that post_init never re-initialises the pretrained rows.
-        original_rows = model.get_input_embeddings().weight.shape[0]
+        # num_embeddings, not weight.shape: under DeepSpeed ZeRO-3 the loaded weight is partitioned, and
+        # its shape on each rank is (0,) outside a forward.
+        original_rows = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > original_rows:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model._init_new_token_rows(original_rows)
@@ -1417,6 +1426,8 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         """The rows of the added tokens start at the mean of the pretrained rows (input and output
         embeddings), a deterministic start that keeps their first logits ordinary."""
         output = self.get_output_embeddings()
+        # Whole on every rank also under DeepSpeed ZeRO-3: resize_token_embeddings builds the resized
+        # matrices as ordinary parameters, and the DeepSpeed engine partitions them when it starts.
         with torch.no_grad():
             for weight in {self.get_input_embeddings().weight, *([output.weight] if output is not None else [])}:
                 weight[original_rows:] = weight[:original_rows].mean(0)

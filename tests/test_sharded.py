@@ -1,17 +1,21 @@
 """Sharded training: FSDP2 run for real on 2 CPU processes (gloo) with the example config's settings,
 checkpointed, resumed and equal to one process; a CPU launch with an FSDP config refused; the
-DeepSpeed configs accepted by accelerate."""
+DeepSpeed configs accepted by accelerate; a model built from backbones under ZeRO-3 equal to one
+process's."""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
+from flaminko import FlaminkoForConditionalGeneration
 from fsdp_worker import FSDP_CONFIG, build, fsdp_settings, reference_run
 from test_distributed import free_port
 from test_training import caption_table  # noqa: F401  (fixture)
@@ -112,8 +116,6 @@ def test_deepspeed_zero2_trains_on_two_cpu_processes(backbones, caption_table, t
     assert result.returncode == 0, result.stderr[-4000:]
     shards = sorted(path.name for path in (out / "checkpoint-2" / "global_step2").glob("*optim_states.pt"))
     assert len(shards) == 2 and all("zero_pp_rank_" in name for name in shards), shards
-    from safetensors.torch import load_file
-
     start, final = load_file(out / "base-model" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert not torch.equal(start["perceiver.latents"], final["perceiver.latents"])
     assert all(torch.equal(start[name], final[name]) for name in start if name.startswith("vision_model."))
@@ -170,3 +172,41 @@ def test_the_deepspeed_configs_are_what_accelerate_builds(stage, monkeypatch):
     filled = json.loads(json.dumps(config).replace('"auto"', "1"))
     filled.update(train_batch_size=8, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
     assert DeepSpeedConfig(filled).zero_optimization_stage == stage
+
+
+ZERO3_IN_ONE_PROCESS = textwrap.dedent(
+    """
+    import os, sys
+    import deepspeed, torch
+    from safetensors.torch import save_file
+    from transformers.integrations import HfDeepSpeedConfig
+    from flaminko import FlaminkoForConditionalGeneration
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed("gloo")
+    # Held in a variable: transformers keeps only a weak reference to it.
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    torch.manual_seed(0)
+    model, _ = FlaminkoForConditionalGeneration.from_backbones(sys.argv[1], sys.argv[2])
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        save_file({name: p.detach().clone() for name, p in model.named_parameters()}, sys.argv[4])
+    """
+)
+
+
+def test_from_backbones_under_zero3_builds_what_one_process_builds(backbones, tmp_path):
+    """Under ZeRO-3 the loaded backbones are partitioned as they load (each process holds slices, and a
+    weight's shape reads (0,)); the model built from them, new token rows included, is one process's."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install 'flaminko[deepspeed]'")
+    script, weights = tmp_path / "zero3.py", tmp_path / "zero3.safetensors"
+    script.write_text(ZERO3_IN_ONE_PROCESS)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, str(script), str(backbones["vision"]), str(backbones["gpt_neox"]), str(free_port()), str(weights)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+    built = load_file(weights)
+    torch.manual_seed(0)
+    expected = dict(FlaminkoForConditionalGeneration.from_backbones(backbones["vision"], backbones["gpt_neox"])[0].named_parameters())
+    assert built.keys() == expected.keys()
+    for name, tensor in built.items():
+        assert torch.equal(tensor, expected[name].detach()), name
