@@ -89,8 +89,10 @@ def count_parameters(config, sizes: dict[str, int]) -> tuple[int, int]:
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(total, trained) parameters of a model in memory."""
-    return count_parameters(model.config, {name: p.numel() for name, p in model.named_parameters()})
+    """(total, trained) parameters of a model in memory; a parameter partitioned by DeepSpeed ZeRO-3
+    counts whole (`ds_numel`), not the slice this process holds."""
+    sizes = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
+    return count_parameters(model.config, sizes)
 
 
 def build_model_card(

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from . import register_auto_classes
@@ -210,14 +211,30 @@ def _has_accelerator(training_args: TrainingArguments) -> bool:
     return not training_args.use_cpu and torch.accelerator.is_available()
 
 
-def check_sharding(training_args: TrainingArguments):
-    """Sharded training launched on the CPU, where accelerate does other than it was asked
-    (docs/training.md, sharded training): FSDP (an FSDP accelerate config, or --fsdp) would run as plain DDP
-    without a word; DeepSpeed without --use_cpu would count one process and stop on DeepSpeed's
-    batch-size check."""
+def check_sharding(training_args: TrainingArguments, model_args: ModelArguments):
+    """What sharded training cannot do as asked. LoRA's --merge under DeepSpeed ZeRO-3: each process
+    holds a slice of every weight, and peft merges the weights it holds. LoRA with the new token rows
+    trained under ZeRO-3 on the CPU: peft gathers those rows onto CUDA. And sharded training launched
+    on the CPU, where accelerate does other than it was asked (docs/training.md, sharded training): FSDP
+    (an FSDP accelerate config, or --fsdp) would run as plain DDP without a word; DeepSpeed without
+    --use_cpu would count one process and stop on DeepSpeed's batch-size check."""
     import accelerate
     from accelerate.utils import parse_flag_from_env
 
+    if model_args.use_lora and model_args.merge and is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "--merge under DeepSpeed ZeRO-3: each process holds only a slice of every weight, so the adapter cannot be "
+            "merged where it trains; train without --merge, then merge the saved adapter in one process "
+            "(PeftModel.from_pretrained(base, adapter).merge_and_unload())"
+        )
+    if model_args.use_lora and is_deepspeed_zero3_enabled() and not _has_accelerator(training_args) and trains_new_token_rows(model_args):
+        import peft
+
+        raise ValueError(
+            f"--use_lora under DeepSpeed ZeRO-3 on the CPU: peft {peft.__version__} gathers the trainable <image> and "
+            "<|endofchunk|> embedding rows (trainable_token_indices) onto a CUDA device; run it on GPUs, use ZeRO-2, or keep "
+            "those rows frozen with --config_overrides '{\"train_new_token_embeddings\": false}'"
+        )
     if _has_accelerator(training_args):
         return
     if parse_flag_from_env("ACCELERATE_USE_FSDP") or training_args.fsdp:
@@ -231,6 +248,39 @@ def check_sharding(training_args: TrainingArguments):
             "DeepSpeed on a machine without a GPU needs --use_cpu: without it accelerate "
             f"{accelerate.__version__} counts one process and DeepSpeed stops on its batch-size check"
         )
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under DeepSpeed ZeRO-3, where each process holds a slice of every parameter: the model's whole
+    state dict on the CPU of the main process (None on the others), gathered one module at a time so
+    that no process ever holds more than one module's parameters whole besides it. Every process must
+    call it. Elsewhere None: save_pretrained reads the model itself."""
+    if not is_deepspeed_zero3_enabled():
+        return None
+    import deepspeed
+
+    is_main = torch.distributed.get_rank() == 0
+    gathered = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        own = dict(module.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(list(own.values())):
+            if is_main:
+                gathered.update({f"{prefix}.{name}" if prefix else name: p.detach().cpu().clone() for name, p in own.items()})
+    if not is_main:
+        return None
+    # The buffers are never partitioned.
+    return {name: gathered.get(name, tensor) for name, tensor in model.state_dict().items()}
+
+
+def trains_new_token_rows(args: ModelArguments) -> bool:
+    """Whether the model to be built trains its <image> and <|endofchunk|> embedding rows, read from its
+    config (a folder) or the overrides (backbones) before anything loads."""
+    from .configuration_flaminko import FlaminkoConfig
+
+    if args.model_name_or_path:
+        return FlaminkoConfig.from_pretrained(args.model_name_or_path).train_new_token_embeddings
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    return overrides.get("train_new_token_embeddings", FlaminkoConfig().train_new_token_embeddings)
 
 
 def lora_target_modules(model: FlaminkoForConditionalGeneration, *, cross_attention: bool) -> str:
@@ -333,10 +383,11 @@ def load_model(args: ModelArguments, training_args: TrainingArguments):
         args.vision_model, args.language_model, cross_attn_every_n_layers=args.cross_attn_every_n_layers, **overrides
     )
     base = Path(training_args.output_dir) / "base-model"
+    state_dict = whole_state_dict(model)
     with training_args.main_process_first(desc="saving the base model"):
         if training_args.process_index == 0:
             with internal_file_bars_off():
-                model.save_pretrained(base)
+                model.save_pretrained(base, state_dict=state_dict)
                 processor.save_pretrained(base)
     return model, processor, str(base)
 
@@ -431,7 +482,7 @@ def load_datasets(args: DataArguments, training_args: TrainingArguments):
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
     """Run a fine-tuning; returns (trainer, folder of the final model or adapter). The arguments and
     the data are checked before anything is built or written."""
-    check_sharding(training_args)
+    check_sharding(training_args, model_args)
     check_model_arguments(model_args)
     train_data, eval_data = load_datasets(data_args, training_args)
     checkpoint = training_args.resume_from_checkpoint
@@ -474,12 +525,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         if trainer.is_world_process_zero():
             print(f"eval loss {metrics['eval_loss']:.4f} ({len(eval_data)} held-out samples)")
     final = Path(training_args.output_dir) / "final"
+    state_dict = whole_state_dict(trainer.model)
     if trainer.is_world_process_zero():
         saved = trainer.model.merge_and_unload() if model_args.use_lora and model_args.merge else trainer.model
         # The folder records the prompt format it was trained on, for `flaminko chat` and apply_chat_template.
         processor.chat_template = CAPTION_CHAT_TEMPLATE
         with internal_file_bars_off():
-            saved.save_pretrained(final)
+            saved.save_pretrained(final, state_dict=state_dict)
             processor.save_pretrained(final)
         write_card(final, saved, model_args, data_args, trainer)
     return trainer, final

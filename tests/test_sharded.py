@@ -210,3 +210,20 @@ def test_from_backbones_under_zero3_builds_what_one_process_builds(backbones, tm
     assert built.keys() == expected.keys()
     for name, tensor in built.items():
         assert torch.equal(tensor, expected[name].detach()), name
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--use_lora", "--merge"], "--merge under DeepSpeed ZeRO-3"),
+        (["--use_lora"], "--use_lora under DeepSpeed ZeRO-3 on the CPU"),
+    ],
+)
+def test_train_refuses_what_zero3_cannot_do(options, named, backbones, caption_table, tmp_path):  # noqa: F811
+    """Before anything is built: a merge needs whole weights, and peft gathers trainable token rows onto CUDA."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install 'flaminko[deepspeed]'")
+    if torch.accelerator.is_available() and "--merge" not in options:
+        pytest.skip("on GPUs peft gathers the token rows where they are")
+    environment = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    error = flaminko_train_error(backbones, caption_table, tmp_path / "out", "--use_cpu", *options, **environment)
+    assert error.startswith(f"flaminko train: error: {named}"), error
