@@ -1108,7 +1108,10 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
     def project_media(self, image_features: torch.Tensor) -> tuple:
         """The media keys and values of every gated block, in layer order."""
         blocks = list(self.cross_attn_layers.values())
-        _register_project_media_with_fsdp(blocks)
+        # Every block inside, also those a wrapper holds (peft's modules_to_save keeps trained copies).
+        _register_project_media_with_fsdp(
+            module for module in self.cross_attn_layers.modules() if isinstance(module, FlaminkoGatedCrossAttentionBlock)
+        )
         return tuple(block.project_media(image_features) for block in blocks)
 
     def _build_media(

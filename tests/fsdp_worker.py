@@ -5,6 +5,10 @@ so this script applies the config itself with torch's `fully_shard` and runs und
 gloo. test_sharded.py runs it and compares it with `reference_run`, the same steps in one process.
 
     torchrun --nproc_per_node 2 tests/fsdp_worker.py VISION LM TABLE CHECKPOINT first|resume OUT
+    torchrun --nproc_per_node 2 tests/fsdp_worker.py VISION LM TABLE - five|five-lora OUT
+
+`first` and `resume` run 2 steps, save a sharded checkpoint, and resume from it for 2 more; `five`
+(`five-lora`: with flaminko train's LoRA, without dropout) runs 5 steps and records each step's loss.
 """
 
 import json
@@ -16,9 +20,10 @@ import yaml
 
 from conftest import build_model
 from flaminko.data import CaptionTable, FlaminkoCollator
+from flaminko.training import lora_config
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate_fsdp.yaml"
-STEPS, FIRST_STEPS, PER_RANK_BATCH, WORLD_SIZE = 4, 2, 4, 2
+STEPS, FIRST_STEPS, COMPARED_STEPS, PER_RANK_BATCH, WORLD_SIZE = 4, 2, 5, 4, 2
 LEARNING_RATE, MAX_GRAD_NORM = 1e-3, 1.0
 
 
@@ -26,11 +31,16 @@ def fsdp_settings(path=FSDP_CONFIG) -> dict:
     return yaml.safe_load(Path(path).read_text(encoding="utf-8"))["fsdp_config"]
 
 
-def build(vision, language):
+def build(vision, language, lora=False):
     """The same start on every rank and in the reference: seeded, gates open so the blocks learn from step 1.
     Trainable: resampler, gated blocks, the embedding (its pretrained rows held by a gradient hook);
-    frozen: the vision tower and the rest of the LM."""
+    frozen: the vision tower and the rest of the LM. With lora: flaminko train's LoRA (no dropout, whose
+    masks would differ between the ranks and one process)."""
     model, processor = build_model({"vision": vision, "lm": language}, family="lm")
+    if lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(model, dropout=0.0))
     return model.train(), FlaminkoCollator(processor)
 
 
@@ -49,17 +59,20 @@ def optimizer_for(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0)
 
 
-def reference_run(vision, language, table) -> dict:
-    """The same steps in one process: each step averages the ranks' losses, as FSDP averages their gradients."""
-    model, collator = build(vision, language)
+def reference_run(vision, language, table, steps=STEPS, lora=False) -> tuple[dict, list[float]]:
+    """The same steps in one process: each step averages the ranks' losses, as FSDP averages their
+    gradients. Returns the trainable weights and each step's loss."""
+    model, collator = build(vision, language, lora)
     optimizer = optimizer_for(model)
-    for step in range(STEPS):
+    losses = []
+    for step in range(steps):
         optimizer.zero_grad()
-        for batch in micro_batches(table, collator, step):
-            (model(**batch).loss / WORLD_SIZE).backward()
+        loss = sum(model(**batch).loss / WORLD_SIZE for batch in micro_batches(table, collator, step))
+        loss.backward()
+        losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
         optimizer.step()
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}, losses
 
 
 def shard(model, settings: dict, mesh):
@@ -93,10 +106,10 @@ def main(vision, language, table, checkpoint, phase, out):
     out.mkdir(parents=True, exist_ok=True)
     assert dist.get_world_size() == WORLD_SIZE
     settings = fsdp_settings()
-    model, collator = build(vision, language)
+    model, collator = build(vision, language, lora=phase == "five-lora")
     wrapped = shard(model, settings, init_device_mesh("cpu", (WORLD_SIZE,)))
     optimizer = optimizer_for(model)
-    first = 0
+    first, losses = 0, []
     if phase == "resume":
         # SHARDED_STATE_DICT: each rank reads back its own shards of the model and the optimizer.
         model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -104,10 +117,14 @@ def main(vision, language, table, checkpoint, phase, out):
         dcp.load(state, checkpoint_id=checkpoint)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         first = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
-    last = FIRST_STEPS if phase == "first" else STEPS
+    last = {"first": FIRST_STEPS, "resume": STEPS}.get(phase, COMPARED_STEPS)
     for step in range(first, last):
         optimizer.zero_grad()
-        model(**micro_batches(table, collator, step)[rank]).loss.backward()
+        loss = model(**micro_batches(table, collator, step)[rank]).loss
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        losses.append(mean_loss.item() / WORLD_SIZE)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
         optimizer.step()
     if phase == "first":
@@ -119,8 +136,9 @@ def main(vision, language, table, checkpoint, phase, out):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-            torch.save({name: full[name] for name in trainable}, out / "trainable.pt")
-            torch.save({name: tensor for name, tensor in full.items() if name not in trainable}, out / "frozen.pt")
+            torch.save({name: full[name] for name in trainable}, out / f"{phase}-trainable.pt")
+            torch.save({name: tensor for name, tensor in full.items() if name not in trainable}, out / f"{phase}-frozen.pt")
+            (out / f"{phase}-losses.json").write_text(json.dumps(losses))
     sharded = {
         name: (tuple(p.to_local().shape), tuple(p.shape))
         for name, p in model.named_parameters()
