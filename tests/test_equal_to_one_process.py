@@ -1,4 +1,5 @@
-"""Every way of training on two processes equals one process (invariant 11). `flaminko train` under
+"""Training on two processes equals one process (invariant 11; FSDP2, which accelerate does not run on
+the CPU, in test_sharded.py). `flaminko train` under
 accelerate launch with the example configs (DDP, DeepSpeed ZeRO-2, ZeRO-3), two CPU processes over
 gloo, against the same command in one process with the same global batch (2 x 4 = 1 x 8), data order
 and seed: the losses of the first 5 steps agree within 1e-4, the trainable weights after them within
