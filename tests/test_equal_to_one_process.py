@@ -19,9 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from transformers import AutoProcessor
+
+from flaminko import FlaminkoForConditionalGeneration
 
 from test_distributed import free_port
+from train_worker import GREEDY_PROMPT, NEW_TOKENS
 from test_training import caption_table  # noqa: F401  (fixture)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -47,14 +52,16 @@ def source_options(backbones, folder=None):
     return ["--vision_model", str(backbones["vision"]), "--language_model", str(backbones["gpt_neox"])]
 
 
-def run(out, table, source, *options, config=None, per_device_batch=8):
+def run(out, table, source, *options, config=None, per_device_batch=8, steps=STEPS, save_steps=None, kill_at=0, record=None):
     """flaminko train through train_worker.py, in one process (config None) or two under accelerate
-    launch; returns the record (losses, trainable names, whole final state dict)."""
-    record = out.with_suffix(".pt")
+    launch; returns the record (losses, trainable names, whole final state dict, greedy tokens), or with
+    kill_at the finished process."""
+    record = record or out.with_suffix(".pt")
+    saving = ["--save_steps", str(save_steps)] if save_steps else ["--save_strategy", "no"]
     arguments = [
-        str(WORKER), str(record), *source, "--train_data", str(table), "--output_dir", str(out),
-        "--max_steps", str(STEPS), "--per_device_train_batch_size", str(per_device_batch), "--logging_steps", "1",
-        "--save_strategy", "no", "--learning_rate", "1e-3", "--seed", "0", "--report_to", "none", "--use_cpu", *options,
+        str(WORKER), str(record), str(kill_at), *source, "--train_data", str(table), "--output_dir", str(out),
+        "--max_steps", str(steps), "--per_device_train_batch_size", str(per_device_batch), "--logging_steps", "1",
+        *saving, "--learning_rate", "1e-3", "--seed", "0", "--report_to", "none", "--use_cpu", *options,
     ]
     if config is None:
         command = [sys.executable, *arguments]
@@ -66,6 +73,8 @@ def run(out, table, source, *options, config=None, per_device_batch=8):
     # The launched processes import flaminko as this one does.
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parents[1]), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    if kill_at:
+        return result
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(record)
 
@@ -153,3 +162,53 @@ def test_zero3_with_lora_equals_one_process(backbones, caption_table, one_proces
     # The adapter folder holds the trained adapter, gathered from both processes.
     adapter = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")
     assert adapter and all(tensor.numel() > 0 for tensor in adapter.values())
+
+
+REMOTE_GREEDY = """
+import sys
+sys.modules["flaminko"] = None  # the package must not be importable here
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+batch = processor(text=prompt, images=[Image.new("RGB", (32, 32), "red")], return_tensors="pt")
+print(model.generate(**batch, max_new_tokens=new_tokens, do_sample=False)[0].tolist())
+"""
+
+
+@cpu_only
+@needs_deepspeed
+def test_zero3_saves_an_ordinary_folder_and_a_killed_run_resumes_to_the_same_weights(backbones, caption_table, tmp_path):  # noqa: F811
+    config, source = EXAMPLES / "accelerate_deepspeed_zero3.yaml", source_options(backbones)
+    whole = run(tmp_path / "whole", caption_table, source, config=config, per_device_batch=4, steps=4, save_steps=2)
+    final = tmp_path / "whole" / "final"
+    # An ordinary Flaminko folder: from_pretrained, and remote code without the package, give the greedy
+    # tokens of the model at the end of training.
+    model, processor = FlaminkoForConditionalGeneration.from_pretrained(final).eval(), AutoProcessor.from_pretrained(final)
+    batch = processor(text=GREEDY_PROMPT, images=[Image.new("RGB", (32, 32), "red")], return_tensors="pt")
+    assert model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist() == whole["greedy_tokens"]
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_GREEDY)
+    environment = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(final), GREEDY_PROMPT, str(NEW_TOKENS)], capture_output=True, text=True, cwd=tmp_path, env=environment
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(whole["greedy_tokens"])
+
+    # SIGKILL at the end of step 3, after checkpoint-2; resumed from it, the run ends with the weights of
+    # the run not killed.
+    killed = tmp_path / "killed"
+    job = run(killed, caption_table, source, config=config, per_device_batch=4, steps=4, save_steps=2, kill_at=3)
+    assert job.returncode != 0
+    assert sorted(path.name for path in killed.glob("checkpoint-*")) == ["checkpoint-2"] and not (killed / "final").exists()
+    assert (killed / "checkpoint-2" / "global_step2").is_dir()
+    resumed = run(
+        killed, caption_table, source, "--resume_from_checkpoint", str(killed / "checkpoint-2"), config=config, per_device_batch=4,
+        steps=4, save_steps=2, record=tmp_path / "resumed.pt",
+    )
+    assert resumed["state"].keys() == whole["state"].keys()
+    for name, tensor in whole["state"].items():
+        assert torch.equal(resumed["state"][name], tensor), name
