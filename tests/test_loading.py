@@ -94,7 +94,7 @@ def test_auto_model_and_auto_map_cover_the_four_auto_classes(model_and_processor
     processor.save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoProcessor"}
-    for name in ("configuration_flaminko.py", "modeling_flaminko.py", "processing_flaminko.py"):
+    for name in ("configuration_flaminko.py", "modeling_flaminko.py", "processing_flaminko.py", "checkpoint_mapping_flaminko.py"):
         assert (tmp_path / name).exists()
     assert isinstance(AutoModel.from_pretrained(tmp_path), FlaminkoForConditionalGeneration)
 

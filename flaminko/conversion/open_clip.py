@@ -4,7 +4,7 @@ import re
 
 from transformers import CLIPVisionConfig
 
-from ..modeling_flaminko import open_clip_visual_to_hf
+from ..checkpoint_mapping_flaminko import open_clip_visual_to_hf
 
 
 def is_open_clip_visual(state_dict: dict) -> bool:

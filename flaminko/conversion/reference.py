@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVi
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ..configuration_flaminko import CACHE_NAME
-from ..modeling_flaminko import _TRANSFORMERS_4_NAMES as TRANSFORMERS_4_NAMES
+from ..checkpoint_mapping_flaminko import _TRANSFORMERS_4_NAMES as TRANSFORMERS_4_NAMES
 from ..modeling_flaminko import decoder_layers_path
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
