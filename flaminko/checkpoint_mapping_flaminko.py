@@ -4,18 +4,24 @@ and the placing of such a checkpoint into a Flaminko model.
 Shipped beside the model as remote code, so that a model loaded with trust_remote_code takes an
 OpenFlamingo checkpoint in load_state_dict (OpenFlaminKO's own loading line) without the flaminko
 package; flaminko.conversion builds its converters on it. Imports only torch and transformers.
+
+transformers' own checkpoint conversion (a key mapping applied by from_pretrained) does not carry
+this: an OpenFlamingo checkpoint holds only the trained part of the model, goes over two pretrained
+backbones and comes through load_state_dict, not from_pretrained; and open_clip's fused attention
+input projection splits three ways, which a key mapping cannot say. What transformers knows of a
+language model's older names (GPT-NeoX's embed_out is lm_head) is taken from its conversion mapping.
 """
 
 import re
 from collections import Counter
 
 import torch
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, apply_renamings
 
 # Wrappers that training code puts in front of parameter names (DDP, FSDP, activation checkpointing, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _FEED_FORWARD_PARTS = {"0": "norm", "1": "up_proj", "3": "down_proj"}
-# transformers 4.x names (as in OpenFlamingo checkpoints) -> the in-memory names of transformers 5.
-_TRANSFORMERS_4_NAMES = {"gpt_neox": {"embed_out.": "lm_head."}}
 _OPEN_CLIP_LAYER_PARTS = {
     "ln_1": "layer_norm1",
     "ln_2": "layer_norm2",
@@ -75,8 +81,15 @@ def _block_part(rest: str) -> str:
     return rest
 
 
-def open_flamingo_key_to_flaminko(key: str, layers_path: str, lm_type: str) -> str | None:
-    """The Flaminko parameter an OpenFlamingo key (vision keys aside) fills, or None when it has no place."""
+def language_model_renamings(language_model) -> list[WeightRenaming]:
+    """The renames transformers' from_pretrained applies to a checkpoint of this LM: its names under
+    transformers 4.x (as in OpenFlamingo checkpoints) -> those it keeps in memory."""
+    return [transform for transform in get_model_conversion_mapping(language_model) if isinstance(transform, WeightRenaming)]
+
+
+def open_flamingo_key_to_flaminko(key: str, layers_path: str, lm_renamings: list[WeightRenaming]) -> str | None:
+    """The Flaminko parameter an OpenFlamingo key (vision keys aside) fills, or None when it has no place.
+    layers_path: where the LM keeps its decoder layers; lm_renamings: language_model_renamings of the LM."""
     match = re.fullmatch(r"perceiver\.layers\.(\d+)\.0\.(.+)", key)
     if match:
         return f"perceiver.layers.{match.group(1)}.attention.{match.group(2)}"
@@ -97,15 +110,12 @@ def open_flamingo_key_to_flaminko(key: str, layers_path: str, lm_type: str) -> s
         r"lang_encoder\..+\.(\d+)\.decoder_layer\.(.+)", key
     )
     if match:
-        return f"language_model.{layers_path}.{match.group(1)}.{match.group(2)}"
-    match = re.fullmatch(r"lang_encoder\.(.+)", key)
-    if match:
-        name = match.group(1)
-        for old, new in _TRANSFORMERS_4_NAMES.get(lm_type, {}).items():
-            if name.startswith(old):
-                name = new + name[len(old) :]
-        return f"language_model.{name}"
-    return None
+        name = f"{layers_path}.{match.group(1)}.{match.group(2)}"
+    elif key.startswith("lang_encoder."):
+        name = key.removeprefix("lang_encoder.")
+    else:
+        return None
+    return f"language_model.{apply_renamings(name, lm_renamings)}"
 
 
 def is_open_flamingo_state_dict(state_dict) -> bool:
@@ -177,7 +187,7 @@ def place_open_flamingo_checkpoint(
     are then set to the mean of the original rows.
     """
     checkpoint = {strip_wrapper_prefixes(key): tensor for key, tensor in checkpoint.items()}
-    lm_type = model.config.text_config.model_type
+    lm_renamings = language_model_renamings(model.language_model)
     names = {parameter: name for name, parameter in model.named_parameters()}
     vision_keys = {k[len("vision_encoder.") :]: v for k, v in checkpoint.items() if k.startswith("vision_encoder.")}
     mapped, unplaced = {}, []
@@ -188,7 +198,7 @@ def place_open_flamingo_checkpoint(
     for key, tensor in checkpoint.items():
         if key.startswith("vision_encoder."):
             continue
-        name = open_flamingo_key_to_flaminko(key, layers_path, lm_type)
+        name = open_flamingo_key_to_flaminko(key, layers_path, lm_renamings)
         if name is None:
             unplaced.append(key)
         elif name in mapped and not torch.equal(mapped[name][1], tensor):

@@ -13,10 +13,11 @@ import types
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, GenerationMixin
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import apply_renamings
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ..configuration_flaminko import CACHE_NAME
-from ..checkpoint_mapping_flaminko import _TRANSFORMERS_4_NAMES as TRANSFORMERS_4_NAMES
 from ..modeling_flaminko import decoder_layers_path
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
@@ -215,14 +216,17 @@ def build_open_flamingo(
     return model, tokenizer
 
 
-def _under_transformers_5_names(checkpoint: dict, lm_type: str) -> dict:
+def _under_transformers_5_names(checkpoint: dict, lang_encoder) -> dict:
     """The checkpoint's LM keys under the names transformers 5 keeps in memory (GPT-NeoX's `embed_out` is
-    `lm_head`), so that OpenFlamingo's strict=False load places them as it did under transformers 4."""
+    `lm_head`), so that OpenFlamingo's strict=False load places them as it did under transformers 4.
+
+    OpenFlamingo's extend_instance re-made the LM's class outside transformers, which takes such a class
+    for custom code and gives it no renames: they are looked up by the class's name, as transformers does."""
+    renamings = get_checkpoint_conversion_mapping(type(lang_encoder).__name__) or []
     renamed = {}
     for key, tensor in checkpoint.items():
-        for old, new in TRANSFORMERS_4_NAMES.get(lm_type, {}).items():
-            if key.startswith(f"lang_encoder.{old}"):
-                key = f"lang_encoder.{new}{key[len(f'lang_encoder.{old}'):]}"
+        if key.startswith("lang_encoder."):
+            key = f"lang_encoder.{apply_renamings(key.removeprefix('lang_encoder.'), renamings)}"
         renamed[key] = tensor
     return renamed
 
@@ -261,7 +265,7 @@ def compare_with_open_flamingo(
     reference, reference_tokenizer = build_open_flamingo(
         vision, language_model, cross_attn_every_n_layers, tokenizer, convention=convention, open_clip_visual=open_clip_visual
     )
-    reference.load_state_dict(_under_transformers_5_names(checkpoint, reference.lang_encoder.config.model_type), strict=False)
+    reference.load_state_dict(_under_transformers_5_names(checkpoint, reference.lang_encoder), strict=False)
     reference.eval()
     if initialised_from_row is not None:
         with torch.no_grad():
