@@ -91,7 +91,7 @@ def test_cli_verifies_against_open_clips_own_tower_in_each_convention(backbones,
 
 def test_the_conventions_give_different_features(tmp_path):
     """Converting with the wrong convention is not a rounding matter: the tokens differ."""
-    from flaminko.conversion.open_clip import open_clip_tower
+    from flaminko.conversion.reference import open_clip_tower
 
     _, path = open_clip_file(tmp_path)
     images = torch.randn(2, 3, 32, 32)

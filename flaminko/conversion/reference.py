@@ -1,4 +1,4 @@
-"""OpenFlamingo's own model code as the oracle for converted checkpoints.
+"""OpenFlamingo's (and open_clip's) own model code as the oracle for converted checkpoints.
 
 Needs `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`. The package's __init__
 imports open_clip (and torchvision); the model code itself needs only torch, einops and
@@ -19,6 +19,8 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ..configuration_flaminko import CACHE_NAME
 from ..modeling_flaminko import decoder_layers_path
+from .checkpoint_io import load_state_dict
+from .open_clip import open_clip_vision_config, strip_visual_prefix, vision_convention
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
 
@@ -69,6 +71,30 @@ def open_clip_transformer():
                 sys.modules[name] = saved[name]
         for name in [n for n in sys.modules if n.startswith("open_clip.")]:
             del sys.modules[name]
+
+
+def open_clip_tower(path, convention: str = "openflamingo"):
+    """open_clip's own VisionTransformer with the weights of an open_clip visual state dict file,
+    returning the patch tokens as that open_clip version gave them to OpenFlamingo (`.visual(x)[1]`)."""
+    post_layernorm, act = vision_convention(convention)
+    transformer = open_clip_transformer()
+    state = strip_visual_prefix(load_state_dict(path))
+    config = open_clip_vision_config(state)
+    tower = transformer.VisionTransformer(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        width=config.hidden_size,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        output_dim=state["proj"].shape[1] if "proj" in state else config.hidden_size,
+        output_tokens=True,
+        # final_ln_after_pool: ln_post on the pooled output only, so the tokens come before it.
+        final_ln_after_pool=not post_layernorm,
+        act_layer=nn.GELU if act == "gelu" else transformer.QuickGELU,
+    )
+    tower.load_state_dict(state)
+    return tower.eval()
 
 
 class _OpenClipLikeTower(nn.Module):
@@ -173,7 +199,6 @@ def build_open_flamingo(
     tower built from the open_clip_visual file when given, else the HF CLIP at `vision`.
     Returns (model, tokenizer)."""
     from .mosaic_gpt import is_mosaic_gpt, model_config_dict
-    from .open_clip import open_clip_tower, vision_convention
 
     flamingo, flamingo_lm, utils = open_flamingo_modules()
     mosaic_gpt = is_mosaic_gpt(model_config_dict(language_model))
