@@ -12,8 +12,6 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 
 import contextvars
 import copy
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +41,22 @@ if torch.distributed.is_available():
 
 from .checkpoint_mapping_flaminko import drop_recomputed_buffers, is_open_flamingo_state_dict, place_open_flamingo_checkpoint
 from .configuration_flaminko import CACHE_NAME, FlaminkoConfig
+from .input_checks_flaminko import (
+    check_clip_vision_tower,
+    check_context,
+    check_image_batch,
+    check_image_token_count,
+    check_local_path,
+    check_media_inputs,
+    check_media_key_values,
+    check_not_both,
+    check_score_inputs,
+    check_text_inputs,
+    checked_image_features,
+    checked_pixel_values,
+    is_prompt,
+    take_cache,
+)
 from .processing_flaminko import FlaminkoProcessor
 
 # The keyword under which a call's media travel from this model through the LM to its layers.
@@ -322,59 +336,6 @@ def _register_project_media_with_fsdp(blocks):
             register_fsdp_forward_method(block, "project_media")
 
 
-def _check_local_path(name_or_path, argument: str):
-    """A folder path that does not exist is named as such (transformers would read it as a malformed Hub id)."""
-    if name_or_path is None:
-        return
-    text = os.fspath(name_or_path)
-    looks_local = isinstance(name_or_path, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~"))
-    if looks_local and not os.path.exists(os.path.expanduser(text)):
-        raise ValueError(f"{argument}: the folder {text!r} does not exist")
-
-
-def _take_cache(cache, kwargs: dict):
-    """The cache, passed as `cache` or under its name before transformers 5.24, `past_key_values`
-    (deprecated from 5.24 on, as in transformers' own models)."""
-    old = kwargs.pop("past_key_values", None)
-    if old is None:
-        return cache
-    if cache is not None:
-        raise ValueError("Pass cache or past_key_values, not both")
-    if CACHE_NAME != "past_key_values" and not torch.compiler.is_compiling():
-        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the cache as `cache`", FutureWarning)
-    return old
-
-
-def _describe_tensor(value) -> str:
-    return f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _is_prompt(cache) -> bool:
-    """Whether a call runs a prompt (nothing cached yet): the checks that read tensor values run
-    then, and never in a decoding step (under torch.compile every call counts as a decoding step)."""
-    if cache is None:
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    # A static cache counts its filled slots as a tensor once it holds tokens: only a prompt gets an int 0.
-    length = cache.get_seq_length()
-    return isinstance(length, int) and length == 0
-
-
-def language_model_context(text_config) -> int | None:
-    """The most tokens the LM takes: max_position_embeddings, or the longer context its RoPE parameters set
-    up (original_max_position_embeddings, max_position_embeddings when not given, times a scaling factor)."""
-    context = getattr(text_config, "max_position_embeddings", None)
-    rope = getattr(text_config, "rope_parameters", None)
-    if context is None or not isinstance(rope, dict):
-        return context
-    factor = rope.get("factor", 1.0) if rope.get("rope_type", "default") != "default" else 1.0
-    original = rope.get("original_max_position_embeddings", context)
-    if not isinstance(factor, (int, float)) or not isinstance(original, int):
-        return context
-    return max(context, int(original * factor))
-
-
 def decoder_layers_path(language_model: PreTrainedModel) -> str:
     """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
     model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
@@ -651,7 +612,7 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        _check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = cls._skip_precise_modules(kwargs["quantization_config"])
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -724,7 +685,7 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
 
         pooler_output is one 2-D array per sample, its images' latents in order, as transformers'
         multi-image models (Idefics2/3) give theirs; forward and generate take it back as image_features."""
-        pixel_values = self._checked_pixel_values(pixel_values)
+        pixel_values = checked_pixel_values(pixel_values, self.config.vision_config)
         batch, num_images, num_frames, channels, height, width = pixel_values.shape
         trainable = any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
@@ -743,129 +704,6 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
             attentions=vision_outputs.attentions,
         )
 
-    def _checked_pixel_values(self, pixel_values) -> torch.Tensor:
-        """pixel_values as (B, T_img, F, C, H, W), or a ValueError/TypeError saying what was expected."""
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values must be a float tensor, got {pixel_values.dtype}: pass the images through the "
-                "processor, which rescales and normalises them"
-            )
-        if pixel_values.ndim == 5:
-            pixel_values = pixel_values.unsqueeze(2)
-        if pixel_values.ndim != 6:
-            raise ValueError(
-                "pixel_values must have shape (batch, images, channels, height, width) or "
-                f"(batch, images, frames, channels, height, width); got {tuple(pixel_values.shape)}"
-            )
-        batch, num_images, num_frames, channels, height, width = pixel_values.shape
-        vision = self.config.vision_config
-        if (channels, height, width) != (vision.num_channels, vision.image_size, vision.image_size):
-            raise ValueError(
-                f"pixel_values images are {channels}x{height}x{width} but the vision tower expects "
-                f"{vision.num_channels}x{vision.image_size}x{vision.image_size} (channels x height x width)"
-            )
-        if 0 in (batch, num_images, num_frames):
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} hold no image: give at least one image (and "
-                "frame) per sample, or leave pixel_values out for text-only input"
-            )
-        # The images are encoded once, on the prompt: this check never runs in a decoding step.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-            raise ValueError("pixel_values contain NaN or infinite values: check the image decoding and normalisation")
-        return pixel_values
-
-    def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool, inputs_embeds=None):
-        """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
-        ids against the vocabulary. No tensor value is read during a decoding step."""
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("Pass input_ids or inputs_embeds: the <image> tokens in them place the images")
-        if inputs_embeds is not None:
-            self._check_inputs_embeds(inputs_embeds, attention_mask, labels)
-            if input_ids is None:
-                return
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.ndim != 2:
-            raise ValueError(
-                f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
-                + (": for one sample use input_ids[None]" if input_ids.ndim == 1 else "")
-            )
-        if input_ids.shape[0] == 0:
-            raise ValueError("input_ids has no sample (batch size 0): there is nothing to run")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: there is no text to run")
-        if inputs_embeds is not None and input_ids.shape != inputs_embeds.shape[:2]:
-            raise ValueError(
-                f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has {tuple(inputs_embeds.shape[:2])} "
-                "tokens: given together, they are one prompt (the embeddings feed the LM, the ids place the images)"
-            )
-        if isinstance(attention_mask, dict):
-            # generate's per-layer-type masks (full / sliding attention) for a static cache: built by transformers.
-            attention_mask = next((mask for mask in attention_mask.values() if mask is not None), None)
-        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
-            if tensor is not None and not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if attention_mask is not None:
-            if attention_mask.ndim not in (2, 4) or attention_mask.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"attention_mask must have shape (batch, sequence) = {tuple(input_ids.shape)}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            if prompt and attention_mask.ndim == 2 and attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                    f"{tuple(input_ids.shape)}: they must match, one mask entry per token"
-                )
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_ids.shape)}")
-        if prompt and not torch.compiler.is_compiling():
-            vocab = self.get_input_embeddings().weight.shape[0]
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= vocab:
-                raise ValueError(
-                    f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary 0..{vocab - 1}: "
-                    "use the processor's tokenizer, whose special tokens the model's embeddings were resized for"
-                )
-
-    def _check_inputs_embeds(self, inputs_embeds, attention_mask, labels):
-        width = self.get_input_embeddings().weight.shape[1]
-        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-            raise TypeError(f"inputs_embeds must be a float torch.Tensor, got {_describe_tensor(inputs_embeds)}")
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != width or 0 in inputs_embeds.shape[:2]:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, sequence, {width}) with at least one token, "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
-            if isinstance(tensor, torch.Tensor) and tensor.ndim == 2 and tensor.shape != inputs_embeds.shape[:2]:
-                raise ValueError(
-                    f"{name} has shape {tuple(tensor.shape)} but inputs_embeds has {tuple(inputs_embeds.shape[:2])} tokens"
-                )
-
-    def _checked_image_features(self, image_features, batch: int, media_expansion, prompt: bool) -> torch.Tensor:
-        if not isinstance(image_features, torch.Tensor):
-            raise TypeError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}")
-        dim = self.config.vision_config.hidden_size
-        latents = self.config.perceiver_num_latents
-        if (
-            image_features.ndim != 3
-            or image_features.shape[0] * media_expansion != batch
-            or image_features.shape[1] == 0
-            or image_features.shape[1] % latents
-            or image_features.shape[-1] != dim
-        ):
-            raise ValueError(
-                f"image_features must be (batch={batch // media_expansion}, images * {latents} latents, {dim}) "
-                f"as get_image_features' pooler_output gives them; got {tuple(image_features.shape)}"
-            )
-        if prompt and not torch.compiler.is_compiling() and not bool(torch.isfinite(image_features).all()):
-            raise ValueError("image_features contain NaN or infinite values")
-        return image_features
-
     def project_media(self, image_features: torch.Tensor) -> tuple:
         """The media keys and values of every gated block, in layer order."""
         blocks = list(self.cross_attn_layers.values())
@@ -876,35 +714,17 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         self, image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
     ):
         """image_tokens: (B, T) True at the <image> places, None when config.media_token_id is not set."""
-        # Checked on the prompt only, and never while compiling: a check per decoding step would stall the GPU on a sync.
-        check_values = prompt and not torch.compiler.is_compiling()
+        check_media_inputs(image_tokens, image_features, past_image_token_count, prompt)
         if image_features is None:
-            if image_tokens is not None and check_values and bool(image_tokens.any()):
-                raise ValueError(
-                    "input_ids contain <image> tokens but neither pixel_values nor image_features were given"
-                )
             return FlaminkoMedia({}), None
-        if image_tokens is None:
-            raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
-        if not prompt and past_image_token_count is None:
-            raise ValueError(
-                "Decoding from a cache with images needs past_image_token_count: pass the "
-                "image_token_count of the previous call's output"
-            )
         positions = image_token_positions(image_tokens, past_image_token_count)
         num_latents = self.config.perceiver_num_latents
         num_images = image_features.shape[1] // num_latents
-        most = int(positions[:, -1].max()) if check_values and positions.numel() else 0
-        if most > num_images:
-            raise ValueError(
-                f"A sample has {most} <image> tokens but only {num_images} images were given per sample"
-            )
+        check_image_token_count(positions, num_images, prompt)
         if media_key_values is None:
             media_key_values = self.project_media(image_features)
-        elif len(media_key_values) != len(self.cross_attn_layers):
-            raise ValueError(
-                f"media_key_values has {len(media_key_values)} entries for {len(self.cross_attn_layers)} gated blocks"
-            )
+        else:
+            check_media_key_values(media_key_values, len(self.cross_attn_layers))
         allowed, has_media = media_attention_mask(
             positions, num_images, num_latents, self.config.only_attend_immediate_media
         )
@@ -956,33 +776,22 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         """Checks the inputs, encodes the images and runs `text_model` (the causal LM, or its body without the
         output layer) with the call's media routed to the gated blocks: (its output, the media fields of
         Flaminko's output)."""
-        cache = _take_cache(cache, kwargs)
-        prompt = _is_prompt(cache)
-        self._check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds)
+        cache = take_cache(cache, kwargs)
+        prompt = is_prompt(cache)
+        check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds, self.get_input_embeddings())
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass pixel_values or image_features, not both")
+        check_not_both("pixel_values", pixel_values, "image_features", image_features)
         image_outputs = None
         if pixel_values is not None:
             asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
             image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
             image_features = image_outputs.pooler_output
-            if image_features.shape[0] * media_expansion != batch:
-                raise ValueError(
-                    f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {batch}"
-                    + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
-                )
+            check_image_batch(pixel_values, image_features, batch, media_expansion)
             media_key_values = None
         elif image_features is not None:
-            image_features = self._checked_image_features(image_features, batch, media_expansion, prompt)
+            image_features = checked_image_features(image_features, self.config, batch, media_expansion, prompt)
         past_length = cache.get_seq_length() if cache is not None else 0
-        context = language_model_context(self.config.text_config)
-        # (A static cache's length is a tensor: its size bounds the context itself.)
-        if context is not None and isinstance(past_length, int) and past_length + length > context:
-            raise ValueError(
-                f"{past_length + length} tokens exceed the language model's context of {context}: "
-                "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
-            )
+        check_context(past_length, length, self.config.text_config)
         image_tokens = self._image_tokens(input_ids, inputs_embeds)
         media, media_key_values = self._build_media(
             image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
@@ -1142,14 +951,9 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         (float32 unless given, as OpenFlamingo builds it): the backbones' files name dtypes of their
         own (CLIP float32, mpt-7b bfloat16, LLaMA-7B float16), which transformers would otherwise keep.
         """
-        _check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
-        _check_local_path(language_model_name_or_path, "language_model_name_or_path")
-        vision_type = AutoConfig.from_pretrained(vision_model_name_or_path).model_type
-        if vision_type not in ("clip", "clip_vision_model"):
-            raise ValueError(
-                f"{str(vision_model_name_or_path)!r} holds a {vision_type} model, not a CLIP vision tower: "
-                "Flaminko's vision tower is a CLIPVisionModel"
-            )
+        check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
+        check_local_path(language_model_name_or_path, "language_model_name_or_path")
+        check_clip_vision_tower(AutoConfig.from_pretrained(vision_model_name_or_path).model_type, vision_model_name_or_path)
         vision_model = CLIPVisionModel.from_pretrained(vision_model_name_or_path, dtype=dtype)
         language_model = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or language_model_name_or_path)
@@ -1371,10 +1175,7 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         and projected to media keys/values once per group, in one forward. Right-pad the rows: the
         candidates then sit at the same positions as in an unpadded forward of each.
         """
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        if input_ids.shape[0] % candidates_per_prompt:
-            raise ValueError(f"{input_ids.shape[0]} rows do not split into groups of {candidates_per_prompt} candidates")
+        check_score_inputs(input_ids, labels, candidates_per_prompt)
         logits = self(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1393,12 +1194,10 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
     def generate(self, inputs=None, *, vision_x=None, lang_x=None, **kwargs):
         """GenerationMixin.generate; also takes OpenFlamingo's vision_x (B, T_img, F, C, H, W) and lang_x."""
         if lang_x is not None:
-            if inputs is not None or kwargs.get("input_ids") is not None:
-                raise ValueError("Pass lang_x or input_ids, not both")
+            check_not_both("lang_x", lang_x, "input_ids", kwargs.get("input_ids") if inputs is None else inputs)
             kwargs["input_ids"] = lang_x
         if vision_x is not None:
-            if kwargs.get("pixel_values") is not None:
-                raise ValueError("Pass vision_x or pixel_values, not both")
+            check_not_both("vision_x", vision_x, "pixel_values", kwargs.get("pixel_values"))
             kwargs["pixel_values"] = vision_x
         # Checked here, once: GenerationMixin derives position ids and the cache from the prompt
         # before the first forward, and would fail deep inside the LM on a malformed one.
@@ -1410,7 +1209,9 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         # Without a prompt, GenerationMixin starts from BOS.
         if prompt_ids is not None or inputs_embeds is not None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(cache), inputs_embeds)
+            check_text_inputs(
+                prompt_ids, kwargs.get("attention_mask"), None, is_prompt(cache), inputs_embeds, self.get_input_embeddings()
+            )
         return super().generate(inputs, **kwargs)
 
 

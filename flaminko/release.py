@@ -21,7 +21,13 @@ from . import register_auto_classes
 from .hub import is_hub_id
 from .hub_card import DEFAULT_LICENSE
 
-REMOTE_CODE = ("configuration_flaminko.py", "modeling_flaminko.py", "processing_flaminko.py", "checkpoint_mapping_flaminko.py")
+REMOTE_CODE = (
+    "configuration_flaminko.py",
+    "modeling_flaminko.py",
+    "processing_flaminko.py",
+    "checkpoint_mapping_flaminko.py",
+    "input_checks_flaminko.py",
+)
 AUTO_MAP = {
     "AutoConfig": "configuration_flaminko.FlaminkoConfig",
     "AutoModel": "modeling_flaminko.FlaminkoForConditionalGeneration",
