@@ -756,85 +756,6 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
             )
         return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
 
-    def _run_language_model(
-        self,
-        text_model: nn.Module,
-        input_ids,
-        pixel_values,
-        attention_mask,
-        position_ids,
-        cache,
-        inputs_embeds,
-        image_features,
-        media_key_values,
-        past_image_token_count,
-        media_expansion,
-        use_cache,
-        labels=None,
-        **kwargs,
-    ) -> tuple[ModelOutput, dict]:
-        """Checks the inputs, encodes the images and runs `text_model` (the causal LM, or its body without the
-        output layer) with the call's media routed to the gated blocks: (its output, the media fields of
-        Flaminko's output)."""
-        cache = take_cache(cache, kwargs)
-        prompt = is_prompt(cache)
-        check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds, self.get_input_embeddings())
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        check_not_both("pixel_values", pixel_values, "image_features", image_features)
-        image_outputs = None
-        if pixel_values is not None:
-            asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
-            image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
-            image_features = image_outputs.pooler_output
-            check_image_batch(pixel_values, image_features, batch, media_expansion)
-            media_key_values = None
-        elif image_features is not None:
-            image_features = checked_image_features(image_features, self.config, batch, media_expansion, prompt)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        check_context(past_length, length, self.config.text_config)
-        image_tokens = self._image_tokens(input_ids, inputs_embeds)
-        media, media_key_values = self._build_media(
-            image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
-        )
-        self._restrict_embedding_gradients()
-        if labels is not None:
-            kwargs["labels"] = labels
-        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            context = _MEDIA_OF_THIS_CALL.set(media)
-        else:
-            context = None
-            kwargs[MEDIA_KWARG] = media
-        try:
-            outputs = text_model(
-                # Given both, the ids have placed the images and the embeddings feed the LM.
-                input_ids=input_ids if inputs_embeds is None else None,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                return_dict=True,
-                **{CACHE_NAME: cache},
-                **kwargs,
-            )
-        finally:
-            if context is not None:
-                _MEDIA_OF_THIS_CALL.reset(context)
-        if len(self.cross_attn_layers) and media.layers_reached == 0:
-            raise RuntimeError(
-                f"{type(text_model).__name__} did not pass the media to its decoder layers; "
-                "its layers must receive the keyword arguments of the model's forward"
-            )
-        image_token_count = None
-        if image_tokens is not None:
-            image_token_count = image_token_positions(image_tokens, past_image_token_count)[:, -1]
-        media_fields = dict(
-            image_outputs=image_outputs,
-            image_features=image_features,
-            media_key_values=media_key_values,
-            image_token_count=image_token_count,
-        )
-        return outputs, media_fields
-
     @can_return_tuple
     def forward(
         self,
@@ -862,22 +783,70 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.
         media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
             sequences share their prompt's images, which are encoded and projected once).
+
+        Checks the inputs, encodes the images and runs `language_model` (the causal LM, or its body without
+        the output layer) with the call's media routed to the gated blocks.
         """
-        outputs, media_fields = self._run_language_model(
-            self.language_model,
-            input_ids,
-            pixel_values,
-            attention_mask,
-            position_ids,
-            cache,
-            inputs_embeds,
-            image_features,
-            media_key_values,
-            past_image_token_count,
-            media_expansion,
-            use_cache,
-            **kwargs,
+        cache = take_cache(cache, kwargs)
+        prompt = is_prompt(cache)
+        labels = kwargs.get("labels")
+        check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds, self.get_input_embeddings())
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        check_not_both("pixel_values", pixel_values, "image_features", image_features)
+        image_outputs = None
+        if pixel_values is not None:
+            asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
+            image_features = image_outputs.pooler_output
+            check_image_batch(pixel_values, image_features, batch, media_expansion)
+            media_key_values = None
+        elif image_features is not None:
+            image_features = checked_image_features(image_features, self.config, batch, media_expansion, prompt)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_context(past_length, length, self.config.text_config)
+        image_tokens = self._image_tokens(input_ids, inputs_embeds)
+        media, media_key_values = self._build_media(
+            image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
         )
+        self._restrict_embedding_gradients()
+        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
+            context = _MEDIA_OF_THIS_CALL.set(media)
+        else:
+            context = None
+            kwargs[MEDIA_KWARG] = media
+        try:
+            outputs = self.language_model(
+                # Given both, the ids have placed the images and the embeddings feed the LM.
+                input_ids=input_ids if inputs_embeds is None else None,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                return_dict=True,
+                **{CACHE_NAME: cache},
+                **kwargs,
+            )
+        finally:
+            if context is not None:
+                _MEDIA_OF_THIS_CALL.reset(context)
+        if len(self.cross_attn_layers) and media.layers_reached == 0:
+            raise RuntimeError(
+                f"{type(self.language_model).__name__} did not pass the media to its decoder layers; "
+                "its layers must receive the keyword arguments of the model's forward"
+            )
+        image_token_count = None
+        if image_tokens is not None:
+            image_token_count = image_token_positions(image_tokens, past_image_token_count)[:, -1]
+        return self._output_of(
+            outputs,
+            image_outputs=image_outputs,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            image_token_count=image_token_count,
+        )
+
+    def _output_of(self, outputs: ModelOutput, **media_fields) -> FlaminkoModelOutputWithPast:
+        """This model's output from the LM's output (the body's hidden states) and the media fields."""
         return FlaminkoModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
@@ -1046,36 +1015,29 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | FlaminkoCausalLMOutputWithPast:
-        r"""
-        pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
-        inputs_embeds: (B, T, D) for the LM instead of the embeddings of input_ids. Alone, the images go where the
-            <image> token's embedding stands; with input_ids of the same (B, T), where their <image> tokens stand.
-        image_features: (B, T_img * L, D_vision) resampled latents, the `image_features` of a previous call's
-            output or `get_image_features`' pooler_output (instead of pixel_values).
-        media_key_values: the media keys/values of a previous call's output (with image_features).
-        cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
-        past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.
-        media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
-            sequences share their prompt's images, which are encoded and projected once).
-        """
+        r"""FlaminkoModel.forward (see its arguments); labels (B, T) give the LM's loss, logits_to_keep limits the
+        logits to the last positions (generate's prefill)."""
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        outputs, media_fields = self._run_language_model(
-            self.language_model,
-            input_ids,
-            pixel_values,
-            attention_mask,
-            position_ids,
-            cache,
-            inputs_embeds,
-            image_features,
-            media_key_values,
-            past_image_token_count,
-            media_expansion,
-            use_cache,
-            labels=labels,
+        if labels is not None:
+            kwargs["labels"] = labels
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            past_image_token_count=past_image_token_count,
+            media_expansion=media_expansion,
+            use_cache=use_cache,
             **kwargs,
         )
+
+    def _output_of(self, outputs: ModelOutput, **media_fields) -> FlaminkoCausalLMOutputWithPast:
+        """The causal LM's loss and logits, with the media fields."""
         return FlaminkoCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
