@@ -16,6 +16,8 @@ import re
 from collections import Counter
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, apply_renamings
 
@@ -38,6 +40,20 @@ _OPEN_CLIP_TOP_LEVEL = {
     "ln_post.weight": "post_layernorm.weight",
     "ln_post.bias": "post_layernorm.bias",
 }
+
+
+def decoder_layers_path(language_model: PreTrainedModel) -> str:
+    """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
+    model.layers, transformer.h, model.decoder.layers, transformer.blocks...): where the model hooks
+    its gated blocks in, and the prefix under which checkpoints name the layers' weights."""
+    num_layers = language_model.config.num_hidden_layers
+    for name, module in language_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return name
+    raise ValueError(
+        f"Could not find the {num_layers} decoder layers of {type(language_model).__name__}: "
+        "Flaminko needs a ModuleList of num_hidden_layers decoder layers"
+    )
 
 
 def strip_wrapper_prefixes(name: str) -> str:
@@ -176,10 +192,10 @@ def drop_recomputed_buffers(checkpoint: dict, model) -> tuple[dict, list[str]]:
 
 
 def place_open_flamingo_checkpoint(
-    model, checkpoint: dict, *, layers_path: str, original_vocab_size: int, init_missing_token_rows: bool = False
+    model, checkpoint: dict, *, original_vocab_size: int, init_missing_token_rows: bool = False
 ) -> tuple[int, list[str]]:
-    """Copy an OpenFlamingo state dict into `model` (built from the same backbones, its LM's decoder
-    layers at `layers_path`); returns (tensors copied, notes on the rows set without the checkpoint).
+    """Copy an OpenFlamingo state dict into `model` (built from the same backbones); returns (tensors
+    copied, notes on the rows set without the checkpoint).
 
     Raises ValueError listing every checkpoint key without a place, every shape that does not
     fit and every weight left unfilled. The one exception allowed on request: embedding rows of
@@ -187,6 +203,7 @@ def place_open_flamingo_checkpoint(
     are then set to the mean of the original rows.
     """
     checkpoint = {strip_wrapper_prefixes(key): tensor for key, tensor in checkpoint.items()}
+    layers_path = decoder_layers_path(model.language_model)
     lm_renamings = language_model_renamings(model.language_model)
     names = {parameter: name for name, parameter in model.named_parameters()}
     vision_keys = {k[len("vision_encoder.") :]: v for k, v in checkpoint.items() if k.startswith("vision_encoder.")}

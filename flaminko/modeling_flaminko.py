@@ -39,7 +39,12 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-from .checkpoint_mapping_flaminko import drop_recomputed_buffers, is_open_flamingo_state_dict, place_open_flamingo_checkpoint
+from .checkpoint_mapping_flaminko import (
+    decoder_layers_path,
+    drop_recomputed_buffers,
+    is_open_flamingo_state_dict,
+    place_open_flamingo_checkpoint,
+)
 from .configuration_flaminko import CACHE_NAME, FlaminkoConfig
 from .input_checks_flaminko import (
     check_clip_vision_tower,
@@ -334,19 +339,6 @@ def _register_project_media_with_fsdp(blocks):
     for block in blocks:
         if isinstance(block, FSDPModule) and "project_media" not in vars(block):
             register_fsdp_forward_method(block, "project_media")
-
-
-def decoder_layers_path(language_model: PreTrainedModel) -> str:
-    """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
-    model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
-    num_layers = language_model.config.num_hidden_layers
-    for name, module in language_model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return name
-    raise ValueError(
-        f"Could not find the {num_layers} decoder layers of {type(language_model).__name__}: "
-        "Flaminko needs a ModuleList of num_hidden_layers decoder layers"
-    )
 
 
 def decoder_layers(language_model: PreTrainedModel) -> nn.ModuleList:
@@ -969,11 +961,7 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
             state_dict, _ = drop_recomputed_buffers(state_dict, self)
             # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
             place_open_flamingo_checkpoint(
-                self,
-                state_dict,
-                layers_path=decoder_layers_path(self.language_model),
-                original_vocab_size=self.config.eoc_token_id,
-                init_missing_token_rows=True,
+                self, state_dict, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
             )
             return nn.modules.module._IncompatibleKeys([], [])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

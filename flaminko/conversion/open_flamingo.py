@@ -15,7 +15,7 @@ from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
 from ..checkpoint_mapping_flaminko import drop_recomputed_buffers, place_open_flamingo_checkpoint
-from ..modeling_flaminko import FlaminkoForConditionalGeneration, decoder_layers_path
+from ..modeling_flaminko import FlaminkoForConditionalGeneration
 from .checkpoint_io import ConversionSummary, load_state_dict, write_converted_folder
 from .mosaic_gpt import check_mpt_config, download_without_code, is_mosaic_gpt, model_config_dict, write_mosaic_gpt_as_mpt
 from .open_clip import save_open_clip_visual_as_hf, vision_convention
@@ -25,11 +25,7 @@ def place_checkpoint(model, checkpoint, *, original_vocab_size: int, init_missin
     """place_open_flamingo_checkpoint (shipped with the model, so that its load_state_dict takes the checkpoint
     as remote code too), summarised."""
     mapped, notes = place_open_flamingo_checkpoint(
-        model,
-        checkpoint,
-        layers_path=decoder_layers_path(model.language_model),
-        original_vocab_size=original_vocab_size,
-        init_missing_token_rows=init_missing_token_rows,
+        model, checkpoint, original_vocab_size=original_vocab_size, init_missing_token_rows=init_missing_token_rows
     )
     return ConversionSummary(tensors_mapped=mapped, initialised=notes)
 
