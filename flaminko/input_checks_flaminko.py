@@ -120,6 +120,14 @@ def checked_pixel_values(pixel_values, vision_config) -> torch.Tensor:
     return pixel_values
 
 
+def check_frame_count(num_frames: int, max_num_frames: int):
+    if num_frames > max_num_frames:
+        raise ValueError(
+            f"Media have {num_frames} frames but the model has frame embeddings for at most "
+            f"{max_num_frames} (config.max_num_frames)"
+        )
+
+
 def check_text_inputs(input_ids, attention_mask, labels, prompt: bool, inputs_embeds, embeddings: nn.Module):
     """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token ids
     against the vocabulary: the rows of `embeddings`, the LM's input embeddings, whose weight is read

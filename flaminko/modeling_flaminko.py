@@ -49,6 +49,7 @@ from .configuration_flaminko import CACHE_NAME, FlaminkoConfig
 from .input_checks_flaminko import (
     check_clip_vision_tower,
     check_context,
+    check_frame_count,
     check_image_batch,
     check_image_token_count,
     check_local_path,
@@ -191,11 +192,7 @@ class FlaminkoPerceiverResampler(nn.Module):
         """patch_features (B, T_img, F, V, D) -> latents (B, T_img, L, D); each image resampled alone."""
         batch, num_images, num_frames, num_patches, dim = patch_features.shape
         if self.frame_embeddings is not None:
-            if num_frames > self.frame_embeddings.shape[0]:
-                raise ValueError(
-                    f"Media have {num_frames} frames but the model has frame embeddings for at most "
-                    f"{self.frame_embeddings.shape[0]} (config.max_num_frames)"
-                )
+            check_frame_count(num_frames, self.frame_embeddings.shape[0])
             patch_features = patch_features + self.frame_embeddings[:num_frames, None, :]
         media = patch_features.reshape(batch * num_images, num_frames * num_patches, dim)
         latents = self.latents.expand(batch * num_images, -1, -1)
