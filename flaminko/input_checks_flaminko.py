@@ -1,7 +1,8 @@
 """The checks of what Flaminko's model is given, kept in one place: types and shapes on every call,
 tensor values (token ids, NaNs, <image> counts) on the prompt only. Each raises a ValueError or
 TypeError naming the problem, where torch would fail deep inside with a shape error or give a silent
-wrong answer. None of them reads the model's weights: what they check against comes as arguments.
+wrong answer. None reads the model's state: what they check against (configs, the size of the input
+embeddings, the number of gated blocks) comes as arguments.
 
 Shipped beside the model as remote code: imports only torch, transformers and sibling files.
 """
