@@ -26,7 +26,7 @@ __all__ = list(_PUBLIC)
 @functools.cache
 def register_auto_classes():
     """Registers Flaminko with transformers' Auto classes, and marks every saved folder to carry the
-    three code files and an auto_map, so it loads with trust_remote_code=True where this package is
+    code files and an auto_map, so it loads with trust_remote_code=True where this package is
     not installed. Runs once: when a public name is first used, and on import of the modules that
     save or load models (training, demo, inference, release, the `convert` command)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor

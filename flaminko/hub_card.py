@@ -49,9 +49,9 @@ batch = processor(text="<image>Output:", images=[image])
 print(processor.batch_decode(model.generate(**batch, max_new_tokens=20, num_beams=3), skip_special_tokens=True))
 ```
 
-Nothing to install beyond `pip install "{{ requirements }}"`: the model's code
-(`configuration_flaminko.py`, `modeling_flaminko.py`, `processing_flaminko.py`) comes with it and
-`trust_remote_code=True` runs it. That code is tested on transformers `{{ window }}` and, on any
+Nothing to install beyond `pip install "{{ requirements }}"`: the model's code (`configuration_flaminko.py`,
+`modeling_flaminko.py`, `processing_flaminko.py`, `checkpoint_mapping_flaminko.py`, `input_checks_flaminko.py`)
+comes with it and `trust_remote_code=True` runs it. That code is tested on transformers `{{ window }}` and, on any
 other release, stops at loading with one line naming this window. With the Flaminko package installed from its source repository,
 `import flaminko` registers the same classes and `trust_remote_code` is not needed.
 {% if training %}

@@ -12,10 +12,6 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 
 import contextvars
 import copy
-import os
-import re
-import warnings
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +39,30 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
+from .checkpoint_mapping_flaminko import (
+    decoder_layers_path,
+    drop_recomputed_buffers,
+    is_open_flamingo_state_dict,
+    place_open_flamingo_checkpoint,
+)
 from .configuration_flaminko import CACHE_NAME, FlaminkoConfig
+from .input_checks_flaminko import (
+    check_clip_vision_tower,
+    check_context,
+    check_frame_count,
+    check_image_batch,
+    check_image_token_count,
+    check_local_path,
+    check_media_inputs,
+    check_media_key_values,
+    check_not_both,
+    check_score_inputs,
+    check_text_inputs,
+    checked_image_features,
+    checked_pixel_values,
+    is_prompt,
+    take_cache,
+)
 from .processing_flaminko import FlaminkoProcessor
 
 # The keyword under which a call's media travel from this model through the LM to its layers.
@@ -173,11 +192,7 @@ class FlaminkoPerceiverResampler(nn.Module):
         """patch_features (B, T_img, F, V, D) -> latents (B, T_img, L, D); each image resampled alone."""
         batch, num_images, num_frames, num_patches, dim = patch_features.shape
         if self.frame_embeddings is not None:
-            if num_frames > self.frame_embeddings.shape[0]:
-                raise ValueError(
-                    f"Media have {num_frames} frames but the model has frame embeddings for at most "
-                    f"{self.frame_embeddings.shape[0]} (config.max_num_frames)"
-                )
+            check_frame_count(num_frames, self.frame_embeddings.shape[0])
             patch_features = patch_features + self.frame_embeddings[:num_frames, None, :]
         media = patch_features.reshape(batch * num_images, num_frames * num_patches, dim)
         latents = self.latents.expand(batch * num_images, -1, -1)
@@ -323,72 +338,6 @@ def _register_project_media_with_fsdp(blocks):
             register_fsdp_forward_method(block, "project_media")
 
 
-def _check_local_path(name_or_path, argument: str):
-    """A folder path that does not exist is named as such (transformers would read it as a malformed Hub id)."""
-    if name_or_path is None:
-        return
-    text = os.fspath(name_or_path)
-    looks_local = isinstance(name_or_path, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~"))
-    if looks_local and not os.path.exists(os.path.expanduser(text)):
-        raise ValueError(f"{argument}: the folder {text!r} does not exist")
-
-
-def _take_cache(cache, kwargs: dict):
-    """The cache, passed as `cache` or under its name before transformers 5.24, `past_key_values`
-    (deprecated from 5.24 on, as in transformers' own models)."""
-    old = kwargs.pop("past_key_values", None)
-    if old is None:
-        return cache
-    if cache is not None:
-        raise ValueError("Pass cache or past_key_values, not both")
-    if CACHE_NAME != "past_key_values" and not torch.compiler.is_compiling():
-        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the cache as `cache`", FutureWarning)
-    return old
-
-
-def _describe_tensor(value) -> str:
-    return f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _is_prompt(cache) -> bool:
-    """Whether a call runs a prompt (nothing cached yet): the checks that read tensor values run
-    then, and never in a decoding step (under torch.compile every call counts as a decoding step)."""
-    if cache is None:
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    # A static cache counts its filled slots as a tensor once it holds tokens: only a prompt gets an int 0.
-    length = cache.get_seq_length()
-    return isinstance(length, int) and length == 0
-
-
-def language_model_context(text_config) -> int | None:
-    """The most tokens the LM takes: max_position_embeddings, or the longer context its RoPE parameters set
-    up (original_max_position_embeddings, max_position_embeddings when not given, times a scaling factor)."""
-    context = getattr(text_config, "max_position_embeddings", None)
-    rope = getattr(text_config, "rope_parameters", None)
-    if context is None or not isinstance(rope, dict):
-        return context
-    factor = rope.get("factor", 1.0) if rope.get("rope_type", "default") != "default" else 1.0
-    original = rope.get("original_max_position_embeddings", context)
-    if not isinstance(factor, (int, float)) or not isinstance(original, int):
-        return context
-    return max(context, int(original * factor))
-
-
-def decoder_layers_path(language_model: PreTrainedModel) -> str:
-    """Dotted path of the ModuleList of decoder layers of any HF causal LM (gpt_neox.layers,
-    model.layers, transformer.h, model.decoder.layers, transformer.blocks...)."""
-    num_layers = language_model.config.num_hidden_layers
-    for name, module in language_model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return name
-    raise ValueError(
-        f"Could not find the {num_layers} decoder layers of {type(language_model).__name__}: "
-        "Flaminko needs a ModuleList of num_hidden_layers decoder layers"
-    )
-
-
 def decoder_layers(language_model: PreTrainedModel) -> nn.ModuleList:
     return language_model.get_submodule(decoder_layers_path(language_model))
 
@@ -462,240 +411,6 @@ def add_mpt_query_key_layernorm(language_model: PreTrainedModel):
         attention.q_ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
         attention.k_ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=False)
         attention.Wqkv.register_forward_hook(_MptQueryKeyLayerNorm(attention.q_ln, attention.k_ln))
-
-
-# OpenFlamingo's checkpoint layout. Kept here, below both the model's load_state_dict (which must
-# work as remote code, without the flaminko package) and flaminko.conversion, which both use it.
-
-# Wrappers that training code puts in front of parameter names (DDP, FSDP, activation checkpointing, torch.compile).
-WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-_FEED_FORWARD_PARTS = {"0": "norm", "1": "up_proj", "3": "down_proj"}
-# transformers 4.x names (as in OpenFlamingo checkpoints) -> the in-memory names of transformers 5.
-_TRANSFORMERS_4_NAMES = {"gpt_neox": {"embed_out.": "lm_head."}}
-_OPEN_CLIP_LAYER_PARTS = {
-    "ln_1": "layer_norm1",
-    "ln_2": "layer_norm2",
-    "attn.out_proj": "self_attn.out_proj",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
-_OPEN_CLIP_TOP_LEVEL = {
-    "conv1.weight": "embeddings.patch_embedding.weight",
-    "class_embedding": "embeddings.class_embedding",
-    "positional_embedding": "embeddings.position_embedding.weight",
-    "ln_pre.weight": "pre_layrnorm.weight",
-    "ln_pre.bias": "pre_layrnorm.bias",
-    "ln_post.weight": "post_layernorm.weight",
-    "ln_post.bias": "post_layernorm.bias",
-}
-
-
-def strip_wrapper_prefixes(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def open_clip_visual_to_hf(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """open_clip visual tower weights -> (CLIPVisionModel state dict with transformers 5 names, names
-    with no place). The fused attention input projection is split into q, k and v; `proj` (to the
-    joint text-image space) is dropped: Flamingo reads the tokens before it."""
-    converted, unplaced = {}, []
-    for name, tensor in state_dict.items():
-        if name in _OPEN_CLIP_TOP_LEVEL:
-            converted[_OPEN_CLIP_TOP_LEVEL[name]] = tensor
-            continue
-        if name == "proj":
-            continue
-        # nn.MultiheadAttention names its fused input projection in_proj_weight / in_proj_bias.
-        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)", name)
-        if match is None:
-            unplaced.append(name)
-            continue
-        index, part, kind = match.groups()
-        prefix = f"encoder.layers.{index}"
-        if part == "attn.in_proj":
-            for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                converted[f"{prefix}.self_attn.{projection}.{kind}"] = chunk
-        elif part in _OPEN_CLIP_LAYER_PARTS:
-            converted[f"{prefix}.{_OPEN_CLIP_LAYER_PARTS[part]}.{kind}"] = tensor
-        else:
-            unplaced.append(name)
-    return converted, unplaced
-
-
-def _block_part(rest: str) -> str:
-    feed_forward = re.fullmatch(r"ff\.(\d)\.(.+)", rest)
-    if feed_forward:
-        return f"ff.{_FEED_FORWARD_PARTS[feed_forward.group(1)]}.{feed_forward.group(2)}"
-    return rest
-
-
-def open_flamingo_key_to_flaminko(key: str, layers_path: str, lm_type: str) -> str | None:
-    """The Flaminko parameter an OpenFlamingo key (vision keys aside) fills, or None when it has no place."""
-    match = re.fullmatch(r"perceiver\.layers\.(\d+)\.0\.(.+)", key)
-    if match:
-        return f"perceiver.layers.{match.group(1)}.attention.{match.group(2)}"
-    match = re.fullmatch(r"perceiver\.layers\.(\d+)\.1\.([013])\.(.+)", key)
-    if match:
-        index, part, rest = match.groups()
-        return f"perceiver.layers.{index}.feed_forward.{_FEED_FORWARD_PARTS[part]}.{rest}"
-    if key in ("perceiver.latents", "perceiver.norm.weight", "perceiver.norm.bias"):
-        return key
-    if key == "perceiver.frame_embs":
-        return "perceiver.frame_embeddings"
-    match = re.fullmatch(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)", key) or re.fullmatch(
-        r"lang_encoder\..+\.(\d+)\.gated_cross_attn_layer\.(.+)", key
-    )
-    if match:
-        return f"cross_attn_layers.{match.group(1)}.{_block_part(match.group(2))}"
-    match = re.fullmatch(r"lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)", key) or re.fullmatch(
-        r"lang_encoder\..+\.(\d+)\.decoder_layer\.(.+)", key
-    )
-    if match:
-        return f"language_model.{layers_path}.{match.group(1)}.{match.group(2)}"
-    match = re.fullmatch(r"lang_encoder\.(.+)", key)
-    if match:
-        name = match.group(1)
-        for old, new in _TRANSFORMERS_4_NAMES.get(lm_type, {}).items():
-            if name.startswith(old):
-                name = new + name[len(old) :]
-        return f"language_model.{name}"
-    return None
-
-
-def is_open_flamingo_state_dict(state_dict) -> bool:
-    return any(strip_wrapper_prefixes(key).startswith("lang_encoder.") for key in state_dict)
-
-
-# Persistent buffers of transformers 4.x models that transformers 5 recomputes instead of loading:
-# GPT-NeoX's causal mask and masked bias, rotary inverse frequencies (GPT-NeoX, LLaMA), CLIP's position ids.
-RECOMPUTED_BUFFER = re.compile(r"(?:^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids)$")
-GPT_NEOX_MASKED_BIAS = -1e9
-
-
-def _recomputed_value(kind: str, model) -> torch.Tensor | None:
-    """What transformers 5 computes for a buffer of this kind in `model` (None: nothing to compare with)."""
-    if kind == "attention.bias":
-        positions = model.config.text_config.max_position_embeddings
-        return torch.tril(torch.ones(positions, positions, dtype=torch.bool)).view(1, 1, positions, positions)
-    if kind == "attention.masked_bias":
-        return torch.tensor(GPT_NEOX_MASKED_BIAS)
-    if kind == "rotary_emb.inv_freq":
-        found = [buffer for name, buffer in model.language_model.named_buffers() if name.endswith("rotary_emb.inv_freq")]
-        return found[0] if found else None
-    vision = model.config.vision_config
-    return torch.arange((vision.image_size // vision.patch_size) ** 2 + 1).expand(1, -1)
-
-
-def _same(saved: torch.Tensor, expected: torch.Tensor) -> bool:
-    if saved.shape != expected.shape:
-        return False
-    if saved.is_floating_point():
-        # Within rounding of the coarser of the two (a model converted to bfloat16 holds its buffers so).
-        tolerance = max(torch.finfo(saved.dtype).eps, torch.finfo(expected.dtype).eps) * 4
-        return torch.allclose(saved.float(), expected.float(), rtol=tolerance, atol=0)
-    return torch.equal(saved, expected.to(saved.dtype))
-
-
-def drop_recomputed_buffers(checkpoint: dict, model) -> tuple[dict, list[str]]:
-    """(checkpoint without the transformers 4.x buffers transformers 5 recomputes, a line per left-out
-    key pattern with its count). Raises ValueError naming the buffers whose values differ from what
-    the model computes: such a checkpoint was trained with something this model does not do."""
-    kept, left_out, differing = {}, [], []
-    for key, tensor in checkpoint.items():
-        match = RECOMPUTED_BUFFER.search(key)
-        if match is None:
-            kept[key] = tensor
-            continue
-        expected = _recomputed_value(match.group(1), model)
-        if expected is None or not _same(tensor, expected):
-            differing.append(key)
-        left_out.append(key)
-    if differing:
-        raise ValueError(
-            f"These checkpoint buffers differ from what the model computes, so they cannot be left out ({len(differing)}): "
-            f"{sorted(differing)}"
-        )
-    patterns = Counter(re.sub(r"\.\d+\.", ".*.", key) for key in left_out)
-    return kept, [f"{pattern} ({count} key{'s' if count > 1 else ''})" for pattern, count in sorted(patterns.items())]
-
-
-def place_open_flamingo_checkpoint(
-    model, checkpoint: dict, *, original_vocab_size: int, init_missing_token_rows: bool = False
-) -> tuple[int, list[str]]:
-    """Copy an OpenFlamingo state dict into `model` (built from the same backbones); returns (tensors
-    copied, notes on the rows set without the checkpoint).
-
-    Raises ValueError listing every checkpoint key without a place, every shape that does not
-    fit and every weight left unfilled. The one exception allowed on request: embedding rows of
-    the new tokens that the checkpoint never had (OpenFlamingo saves no LLaMA lm_head), which
-    are then set to the mean of the original rows.
-    """
-    checkpoint = {strip_wrapper_prefixes(key): tensor for key, tensor in checkpoint.items()}
-    layers_path = decoder_layers_path(model.language_model)
-    lm_type = model.config.text_config.model_type
-    names = {parameter: name for name, parameter in model.named_parameters()}
-    vision_keys = {k[len("vision_encoder.") :]: v for k, v in checkpoint.items() if k.startswith("vision_encoder.")}
-    mapped, unplaced = {}, []
-    if vision_keys:
-        converted, unknown = open_clip_visual_to_hf(vision_keys)
-        mapped.update({f"vision_model.{name}": (f"vision_encoder -> {name}", t) for name, t in converted.items()})
-        unplaced += [f"vision_encoder.{name}" for name in unknown]
-    for key, tensor in checkpoint.items():
-        if key.startswith("vision_encoder."):
-            continue
-        name = open_flamingo_key_to_flaminko(key, layers_path, lm_type)
-        if name is None:
-            unplaced.append(key)
-        elif name in mapped and not torch.equal(mapped[name][1], tensor):
-            raise ValueError(f"Checkpoint keys {mapped[name][0]!r} and {key!r} fill {name!r} with different values")
-        else:
-            mapped[name] = (key, tensor)
-
-    input_name = names[model.get_input_embeddings().weight]
-    if input_name in mapped and mapped[input_name][1].shape[0] != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(mapped[input_name][1].shape[0], mean_resizing=False)
-        model.apply_freezing()
-        names = {parameter: name for name, parameter in model.named_parameters()}
-    state = model.state_dict()
-    unplaced += [mapped[name][0] for name in mapped if name not in state]
-    misfits = [
-        f"{key} {tuple(tensor.shape)} -> {name} {tuple(state[name].shape)}"
-        for name, (key, tensor) in mapped.items()
-        if name in state and state[name].shape != tensor.shape
-    ]
-    if unplaced or misfits:
-        raise ValueError(
-            "The checkpoint does not fit this model.\n"
-            + (f"Keys with no place ({len(unplaced)}): {sorted(unplaced)}\n" if unplaced else "")
-            + (f"Shapes that do not fit ({len(misfits)}): {misfits}" if misfits else "")
-        )
-    unfilled = [name for name in state if name.startswith(("perceiver.", "cross_attn_layers.")) and name not in mapped]
-    if unfilled:
-        raise ValueError(f"The checkpoint leaves these Flaminko weights unfilled: {unfilled}")
-    rows = model.get_input_embeddings().weight.shape[0]
-    output = model.get_output_embeddings()
-    token_rows = {
-        names[parameter]: parameter
-        for parameter in (model.get_input_embeddings().weight, output.weight if output is not None else None)
-        if parameter is not None and rows > original_vocab_size and names[parameter] not in mapped
-    }
-    if token_rows and not init_missing_token_rows:
-        raise ValueError(
-            f"The checkpoint has no rows for the new tokens (ids {original_vocab_size}..{rows - 1}) of "
-            f"{sorted(token_rows)}. Pass --init-missing-token-rows to set them to the mean of the original rows."
-        )
-    notes = []
-    with torch.no_grad():
-        for name, (_, tensor) in mapped.items():
-            state[name].copy_(tensor)
-        for name, parameter in token_rows.items():
-            parameter[original_vocab_size:] = parameter[:original_vocab_size].mean(0)
-            notes.append(
-                f"{name} rows {original_vocab_size}..{rows - 1} = mean of the original rows (not in the checkpoint)"
-            )
-    return len(mapped), notes
 
 
 def _cache_field_named_by_transformers(output_class):
@@ -888,7 +603,7 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        _check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = cls._skip_precise_modules(kwargs["quantization_config"])
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -961,7 +676,7 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
 
         pooler_output is one 2-D array per sample, its images' latents in order, as transformers'
         multi-image models (Idefics2/3) give theirs; forward and generate take it back as image_features."""
-        pixel_values = self._checked_pixel_values(pixel_values)
+        pixel_values = checked_pixel_values(pixel_values, self.config.vision_config)
         batch, num_images, num_frames, channels, height, width = pixel_values.shape
         trainable = any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
@@ -980,131 +695,6 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
             attentions=vision_outputs.attentions,
         )
 
-    def _checked_pixel_values(self, pixel_values) -> torch.Tensor:
-        """pixel_values as (B, T_img, F, C, H, W), or a ValueError/TypeError saying what was expected."""
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values must be a float tensor, got {pixel_values.dtype}: pass the images through the "
-                "processor, which rescales and normalises them"
-            )
-        if pixel_values.ndim == 5:
-            pixel_values = pixel_values.unsqueeze(2)
-        if pixel_values.ndim != 6:
-            raise ValueError(
-                "pixel_values must have shape (batch, images, channels, height, width) or "
-                f"(batch, images, frames, channels, height, width); got {tuple(pixel_values.shape)}"
-            )
-        batch, num_images, num_frames, channels, height, width = pixel_values.shape
-        vision = self.config.vision_config
-        if (channels, height, width) != (vision.num_channels, vision.image_size, vision.image_size):
-            raise ValueError(
-                f"pixel_values images are {channels}x{height}x{width} but the vision tower expects "
-                f"{vision.num_channels}x{vision.image_size}x{vision.image_size} (channels x height x width)"
-            )
-        if 0 in (batch, num_images, num_frames):
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} hold no image: give at least one image (and "
-                "frame) per sample, or leave pixel_values out for text-only input"
-            )
-        # The images are encoded once, on the prompt: this check never runs in a decoding step.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-            raise ValueError("pixel_values contain NaN or infinite values: check the image decoding and normalisation")
-        return pixel_values
-
-    def _check_text_inputs(self, input_ids, attention_mask, labels, prompt: bool, inputs_embeds=None):
-        """Types and shapes of the text inputs and, on the prompt (nothing cached yet), the token
-        ids against the vocabulary. No tensor value is read during a decoding step."""
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("Pass input_ids or inputs_embeds: the <image> tokens in them place the images")
-        if inputs_embeds is not None:
-            self._check_inputs_embeds(inputs_embeds, attention_mask, labels)
-            if input_ids is None:
-                return
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.ndim != 2:
-            raise ValueError(
-                f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
-                + (": for one sample use input_ids[None]" if input_ids.ndim == 1 else "")
-            )
-        if input_ids.shape[0] == 0:
-            raise ValueError("input_ids has no sample (batch size 0): there is nothing to run")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: there is no text to run")
-        if inputs_embeds is not None and input_ids.shape != inputs_embeds.shape[:2]:
-            raise ValueError(
-                f"input_ids has shape {tuple(input_ids.shape)} but inputs_embeds has {tuple(inputs_embeds.shape[:2])} "
-                "tokens: given together, they are one prompt (the embeddings feed the LM, the ids place the images)"
-            )
-        if isinstance(attention_mask, dict):
-            # generate's per-layer-type masks (full / sliding attention) for a static cache: built by transformers.
-            attention_mask = next((mask for mask in attention_mask.values() if mask is not None), None)
-        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
-            if tensor is not None and not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if attention_mask is not None:
-            if attention_mask.ndim not in (2, 4) or attention_mask.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"attention_mask must have shape (batch, sequence) = {tuple(input_ids.shape)}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            if prompt and attention_mask.ndim == 2 and attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                    f"{tuple(input_ids.shape)}: they must match, one mask entry per token"
-                )
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_ids.shape)}")
-        if prompt and not torch.compiler.is_compiling():
-            # From the config, which resizing keeps equal to the embedding's rows: the weight itself may be
-            # partitioned (DeepSpeed ZeRO-3) or computed anew on each access (a PEFT token wrapper).
-            vocab = self.config.get_text_config().vocab_size
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= vocab:
-                raise ValueError(
-                    f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary 0..{vocab - 1}: "
-                    "use the processor's tokenizer, whose special tokens the model's embeddings were resized for"
-                )
-
-    def _check_inputs_embeds(self, inputs_embeds, attention_mask, labels):
-        width = self.get_input_embeddings().weight.shape[1]
-        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
-            raise TypeError(f"inputs_embeds must be a float torch.Tensor, got {_describe_tensor(inputs_embeds)}")
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != width or 0 in inputs_embeds.shape[:2]:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, sequence, {width}) with at least one token, "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
-            if isinstance(tensor, torch.Tensor) and tensor.ndim == 2 and tensor.shape != inputs_embeds.shape[:2]:
-                raise ValueError(
-                    f"{name} has shape {tuple(tensor.shape)} but inputs_embeds has {tuple(inputs_embeds.shape[:2])} tokens"
-                )
-
-    def _checked_image_features(self, image_features, batch: int, media_expansion, prompt: bool) -> torch.Tensor:
-        if not isinstance(image_features, torch.Tensor):
-            raise TypeError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}")
-        dim = self.config.vision_config.hidden_size
-        latents = self.config.perceiver_num_latents
-        if (
-            image_features.ndim != 3
-            or image_features.shape[0] * media_expansion != batch
-            or image_features.shape[1] == 0
-            or image_features.shape[1] % latents
-            or image_features.shape[-1] != dim
-        ):
-            raise ValueError(
-                f"image_features must be (batch={batch // media_expansion}, images * {latents} latents, {dim}) "
-                f"as get_image_features' pooler_output gives them; got {tuple(image_features.shape)}"
-            )
-        if prompt and not torch.compiler.is_compiling() and not bool(torch.isfinite(image_features).all()):
-            raise ValueError("image_features contain NaN or infinite values")
-        return image_features
-
     def project_media(self, image_features: torch.Tensor) -> tuple:
         """The media keys and values of every gated block, in layer order."""
         blocks = list(self.cross_attn_layers.values())
@@ -1118,35 +708,17 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         self, image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
     ):
         """image_tokens: (B, T) True at the <image> places, None when config.media_token_id is not set."""
-        # Checked on the prompt only, and never while compiling: a check per decoding step would stall the GPU on a sync.
-        check_values = prompt and not torch.compiler.is_compiling()
+        check_media_inputs(image_tokens, image_features, past_image_token_count, prompt)
         if image_features is None:
-            if image_tokens is not None and check_values and bool(image_tokens.any()):
-                raise ValueError(
-                    "input_ids contain <image> tokens but neither pixel_values nor image_features were given"
-                )
             return FlaminkoMedia({}), None
-        if image_tokens is None:
-            raise ValueError("config.media_token_id is not set: the model cannot tell where the images go")
-        if not prompt and past_image_token_count is None:
-            raise ValueError(
-                "Decoding from a cache with images needs past_image_token_count: pass the "
-                "image_token_count of the previous call's output"
-            )
         positions = image_token_positions(image_tokens, past_image_token_count)
         num_latents = self.config.perceiver_num_latents
         num_images = image_features.shape[1] // num_latents
-        most = int(positions[:, -1].max()) if check_values and positions.numel() else 0
-        if most > num_images:
-            raise ValueError(
-                f"A sample has {most} <image> tokens but only {num_images} images were given per sample"
-            )
+        check_image_token_count(positions, num_images, prompt)
         if media_key_values is None:
             media_key_values = self.project_media(image_features)
-        elif len(media_key_values) != len(self.cross_attn_layers):
-            raise ValueError(
-                f"media_key_values has {len(media_key_values)} entries for {len(self.cross_attn_layers)} gated blocks"
-            )
+        else:
+            check_media_key_values(media_key_values, len(self.cross_attn_layers))
         allowed, has_media = media_attention_mask(
             positions, num_images, num_latents, self.config.only_attend_immediate_media
         )
@@ -1178,96 +750,6 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
             )
         return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
 
-    def _run_language_model(
-        self,
-        text_model: nn.Module,
-        input_ids,
-        pixel_values,
-        attention_mask,
-        position_ids,
-        cache,
-        inputs_embeds,
-        image_features,
-        media_key_values,
-        past_image_token_count,
-        media_expansion,
-        use_cache,
-        labels=None,
-        **kwargs,
-    ) -> tuple[ModelOutput, dict]:
-        """Checks the inputs, encodes the images and runs `text_model` (the causal LM, or its body without the
-        output layer) with the call's media routed to the gated blocks: (its output, the media fields of
-        Flaminko's output)."""
-        cache = _take_cache(cache, kwargs)
-        prompt = _is_prompt(cache)
-        self._check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds)
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass pixel_values or image_features, not both")
-        image_outputs = None
-        if pixel_values is not None:
-            asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
-            image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
-            image_features = image_outputs.pooler_output
-            if image_features.shape[0] * media_expansion != batch:
-                raise ValueError(
-                    f"pixel_values has batch size {pixel_values.shape[0]} but input_ids has {batch}"
-                    + (f" (with {media_expansion} sequences per prompt)" if media_expansion > 1 else "")
-                )
-            media_key_values = None
-        elif image_features is not None:
-            image_features = self._checked_image_features(image_features, batch, media_expansion, prompt)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        context = language_model_context(self.config.text_config)
-        # (A static cache's length is a tensor: its size bounds the context itself.)
-        if context is not None and isinstance(past_length, int) and past_length + length > context:
-            raise ValueError(
-                f"{past_length + length} tokens exceed the language model's context of {context}: "
-                "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
-            )
-        image_tokens = self._image_tokens(input_ids, inputs_embeds)
-        media, media_key_values = self._build_media(
-            image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
-        )
-        self._restrict_embedding_gradients()
-        if labels is not None:
-            kwargs["labels"] = labels
-        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
-            context = _MEDIA_OF_THIS_CALL.set(media)
-        else:
-            context = None
-            kwargs[MEDIA_KWARG] = media
-        try:
-            outputs = text_model(
-                # Given both, the ids have placed the images and the embeddings feed the LM.
-                input_ids=input_ids if inputs_embeds is None else None,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                return_dict=True,
-                **{CACHE_NAME: cache},
-                **kwargs,
-            )
-        finally:
-            if context is not None:
-                _MEDIA_OF_THIS_CALL.reset(context)
-        if len(self.cross_attn_layers) and media.layers_reached == 0:
-            raise RuntimeError(
-                f"{type(text_model).__name__} did not pass the media to its decoder layers; "
-                "its layers must receive the keyword arguments of the model's forward"
-            )
-        image_token_count = None
-        if image_tokens is not None:
-            image_token_count = image_token_positions(image_tokens, past_image_token_count)[:, -1]
-        media_fields = dict(
-            image_outputs=image_outputs,
-            image_features=image_features,
-            media_key_values=media_key_values,
-            image_token_count=image_token_count,
-        )
-        return outputs, media_fields
-
     @can_return_tuple
     def forward(
         self,
@@ -1295,22 +777,70 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.
         media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
             sequences share their prompt's images, which are encoded and projected once).
+
+        Checks the inputs, encodes the images and runs `language_model` (the causal LM, or its body without
+        the output layer) with the call's media routed to the gated blocks.
         """
-        outputs, media_fields = self._run_language_model(
-            self.language_model,
-            input_ids,
-            pixel_values,
-            attention_mask,
-            position_ids,
-            cache,
-            inputs_embeds,
-            image_features,
-            media_key_values,
-            past_image_token_count,
-            media_expansion,
-            use_cache,
-            **kwargs,
+        cache = take_cache(cache, kwargs)
+        prompt = is_prompt(cache)
+        labels = kwargs.get("labels")
+        check_text_inputs(input_ids, attention_mask, labels, prompt, inputs_embeds, self.get_input_embeddings())
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        check_not_both("pixel_values", pixel_values, "image_features", image_features)
+        image_outputs = None
+        if pixel_values is not None:
+            asked = {name: kwargs[name] for name in ("output_hidden_states", "output_attentions") if name in kwargs}
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **asked)
+            image_features = image_outputs.pooler_output
+            check_image_batch(pixel_values, image_features, batch, media_expansion)
+            media_key_values = None
+        elif image_features is not None:
+            image_features = checked_image_features(image_features, self.config, batch, media_expansion, prompt)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_context(past_length, length, self.config.text_config)
+        image_tokens = self._image_tokens(input_ids, inputs_embeds)
+        media, media_key_values = self._build_media(
+            image_tokens, image_features, media_key_values, past_image_token_count, prompt, media_expansion
         )
+        self._restrict_embedding_gradients()
+        if self.config.text_config.model_type in LAYERS_WITHOUT_KWARGS:
+            context = _MEDIA_OF_THIS_CALL.set(media)
+        else:
+            context = None
+            kwargs[MEDIA_KWARG] = media
+        try:
+            outputs = self.language_model(
+                # Given both, the ids have placed the images and the embeddings feed the LM.
+                input_ids=input_ids if inputs_embeds is None else None,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                return_dict=True,
+                **{CACHE_NAME: cache},
+                **kwargs,
+            )
+        finally:
+            if context is not None:
+                _MEDIA_OF_THIS_CALL.reset(context)
+        if len(self.cross_attn_layers) and media.layers_reached == 0:
+            raise RuntimeError(
+                f"{type(self.language_model).__name__} did not pass the media to its decoder layers; "
+                "its layers must receive the keyword arguments of the model's forward"
+            )
+        image_token_count = None
+        if image_tokens is not None:
+            image_token_count = image_token_positions(image_tokens, past_image_token_count)[:, -1]
+        return self._output_of(
+            outputs,
+            image_outputs=image_outputs,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            image_token_count=image_token_count,
+        )
+
+    def _output_of(self, outputs: ModelOutput, **media_fields) -> FlaminkoModelOutputWithPast:
+        """This model's output from the LM's output (the body's hidden states) and the media fields."""
         return FlaminkoModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
@@ -1384,14 +914,9 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         (float32 unless given, as OpenFlamingo builds it): the backbones' files name dtypes of their
         own (CLIP float32, mpt-7b bfloat16, LLaMA-7B float16), which transformers would otherwise keep.
         """
-        _check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
-        _check_local_path(language_model_name_or_path, "language_model_name_or_path")
-        vision_type = AutoConfig.from_pretrained(vision_model_name_or_path).model_type
-        if vision_type not in ("clip", "clip_vision_model"):
-            raise ValueError(
-                f"{str(vision_model_name_or_path)!r} holds a {vision_type} model, not a CLIP vision tower: "
-                "Flaminko's vision tower is a CLIPVisionModel"
-            )
+        check_local_path(vision_model_name_or_path, "vision_model_name_or_path")
+        check_local_path(language_model_name_or_path, "language_model_name_or_path")
+        check_clip_vision_tower(AutoConfig.from_pretrained(vision_model_name_or_path).model_type, vision_model_name_or_path)
         # The fresh resampler and gated blocks draw from the generator as it was before loading: under
         # DeepSpeed ZeRO-3 loading the vision tower draws from it, and ordinary loading does not.
         with torch.random.fork_rng(devices=[]):
@@ -1487,36 +1012,29 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | FlaminkoCausalLMOutputWithPast:
-        r"""
-        pixel_values: (B, T_img, C, H, W) or (B, T_img, F, C, H, W); samples with fewer images are zero-padded.
-        inputs_embeds: (B, T, D) for the LM instead of the embeddings of input_ids. Alone, the images go where the
-            <image> token's embedding stands; with input_ids of the same (B, T), where their <image> tokens stand.
-        image_features: (B, T_img * L, D_vision) resampled latents, the `image_features` of a previous call's
-            output or `get_image_features`' pooler_output (instead of pixel_values).
-        media_key_values: the media keys/values of a previous call's output (with image_features).
-        cache: the LM's cache (`past_key_values` before transformers 5.24, still accepted).
-        past_image_token_count: (B,) <image> tokens in the cached prefix, when the cache is given by hand.
-        media_expansion: consecutive rows of input_ids per row of the media (generate's beams and returned
-            sequences share their prompt's images, which are encoded and projected once).
-        """
+        r"""FlaminkoModel.forward (see its arguments); labels (B, T) give the LM's loss, logits_to_keep limits the
+        logits to the last positions (generate's prefill)."""
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        outputs, media_fields = self._run_language_model(
-            self.language_model,
-            input_ids,
-            pixel_values,
-            attention_mask,
-            position_ids,
-            cache,
-            inputs_embeds,
-            image_features,
-            media_key_values,
-            past_image_token_count,
-            media_expansion,
-            use_cache,
-            labels=labels,
+        if labels is not None:
+            kwargs["labels"] = labels
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            image_features=image_features,
+            media_key_values=media_key_values,
+            past_image_token_count=past_image_token_count,
+            media_expansion=media_expansion,
+            use_cache=use_cache,
             **kwargs,
         )
+
+    def _output_of(self, outputs: ModelOutput, **media_fields) -> FlaminkoCausalLMOutputWithPast:
+        """The causal LM's loss and logits, with the media fields."""
         return FlaminkoCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
@@ -1616,10 +1134,7 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         and projected to media keys/values once per group, in one forward. Right-pad the rows: the
         candidates then sit at the same positions as in an unpadded forward of each.
         """
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        if input_ids.shape[0] % candidates_per_prompt:
-            raise ValueError(f"{input_ids.shape[0]} rows do not split into groups of {candidates_per_prompt} candidates")
+        check_score_inputs(input_ids, labels, candidates_per_prompt)
         logits = self(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1638,12 +1153,10 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
     def generate(self, inputs=None, *, vision_x=None, lang_x=None, **kwargs):
         """GenerationMixin.generate; also takes OpenFlamingo's vision_x (B, T_img, F, C, H, W) and lang_x."""
         if lang_x is not None:
-            if inputs is not None or kwargs.get("input_ids") is not None:
-                raise ValueError("Pass lang_x or input_ids, not both")
+            check_not_both("lang_x", lang_x, "input_ids", kwargs.get("input_ids") if inputs is None else inputs)
             kwargs["input_ids"] = lang_x
         if vision_x is not None:
-            if kwargs.get("pixel_values") is not None:
-                raise ValueError("Pass vision_x or pixel_values, not both")
+            check_not_both("vision_x", vision_x, "pixel_values", kwargs.get("pixel_values"))
             kwargs["pixel_values"] = vision_x
         # Checked here, once: GenerationMixin derives position ids and the cache from the prompt
         # before the first forward, and would fail deep inside the LM on a malformed one.
@@ -1655,7 +1168,9 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         # Without a prompt, GenerationMixin starts from BOS.
         if prompt_ids is not None or inputs_embeds is not None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            self._check_text_inputs(prompt_ids, kwargs.get("attention_mask"), None, _is_prompt(cache), inputs_embeds)
+            check_text_inputs(
+                prompt_ids, kwargs.get("attention_mask"), None, is_prompt(cache), inputs_embeds, self.get_input_embeddings()
+            )
         return super().generate(inputs, **kwargs)
 
 

@@ -1,7 +1,7 @@
 """`flaminko release`: check a model or adapter folder, fill in what a Hub release needs, upload.
 
 A model folder needs config.json with an auto_map, safetensors weights, the processor files, the
-three remote-code files and a model card; a PEFT adapter folder needs adapter_config.json, its
+remote-code files and a model card; a PEFT adapter folder needs adapter_config.json, its
 safetensors weights and a card naming its base model on the Hub.
 
 Everything that cannot be filled in is checked before anything is written: a folder that is not a
@@ -21,7 +21,13 @@ from . import register_auto_classes
 from .hub import is_hub_id
 from .hub_card import DEFAULT_LICENSE
 
-REMOTE_CODE = ("configuration_flaminko.py", "modeling_flaminko.py", "processing_flaminko.py")
+REMOTE_CODE = (
+    "configuration_flaminko.py",
+    "modeling_flaminko.py",
+    "processing_flaminko.py",
+    "checkpoint_mapping_flaminko.py",
+    "input_checks_flaminko.py",
+)
 AUTO_MAP = {
     "AutoConfig": "configuration_flaminko.FlaminkoConfig",
     "AutoModel": "modeling_flaminko.FlaminkoForConditionalGeneration",

@@ -38,7 +38,7 @@ def test_open_clip_tower_converts_to_the_same_features(tmp_path):
 def open_clip_file(tmp_path):
     """(a tiny HF CLIP folder with open_clip's head width of 64, the same tower saved as open_clip names it)."""
     from flaminko import tiny
-    from flaminko.modeling_flaminko import open_clip_visual_to_hf
+    from flaminko.checkpoint_mapping_flaminko import open_clip_visual_to_hf
 
     torch.manual_seed(0)
     folder = tiny.save_tiny_vision(tmp_path / "hf-vision", hidden_size=128, num_attention_heads=2)
@@ -91,7 +91,7 @@ def test_cli_verifies_against_open_clips_own_tower_in_each_convention(backbones,
 
 def test_the_conventions_give_different_features(tmp_path):
     """Converting with the wrong convention is not a rounding matter: the tokens differ."""
-    from flaminko.conversion.open_clip import open_clip_tower
+    from flaminko.conversion.reference import open_clip_tower
 
     _, path = open_clip_file(tmp_path)
     images = torch.randn(2, 3, 32, 32)

@@ -20,7 +20,7 @@ from flaminko import FlaminkoForConditionalGeneration, tiny  # noqa: E402
 from flaminko.cli import PRESET_NAMES, main  # noqa: E402
 from flaminko.conversion import convert_open_flamingo  # noqa: E402
 from flaminko.conversion.mosaic_gpt import mpt_config_from_mosaic_gpt  # noqa: E402
-from flaminko.modeling_flaminko import drop_recomputed_buffers  # noqa: E402
+from flaminko.checkpoint_mapping_flaminko import drop_recomputed_buffers  # noqa: E402
 from flaminko.conversion.presets import PRESETS  # noqa: E402
 from flaminko.release import model_card  # noqa: E402
 from release_files import PADDED_VOCAB, release_config, save_clip_release, save_language_model_release  # noqa: E402

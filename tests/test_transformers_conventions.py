@@ -346,7 +346,7 @@ def test_image_token_id_is_the_media_token_id():
 
 
 def test_rope_scaling_extends_the_context_the_model_accepts():
-    from flaminko.modeling_flaminko import language_model_context
+    from flaminko.input_checks_flaminko import language_model_context
     from flaminko.tiny import tiny_text_config
 
     config = tiny_text_config("llama", vocab_size=100, max_position_embeddings=64)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..modeling_flaminko import strip_wrapper_prefixes
+from ..checkpoint_mapping_flaminko import strip_wrapper_prefixes
 
 # Keys under which training loops nest the model's weights.
 NESTED_STATE_KEYS = ("model_state_dict", "state_dict", "model")

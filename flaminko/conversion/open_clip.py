@@ -4,7 +4,7 @@ import re
 
 from transformers import CLIPVisionConfig
 
-from ..modeling_flaminko import open_clip_visual_to_hf
+from ..checkpoint_mapping_flaminko import open_clip_visual_to_hf
 
 
 def is_open_clip_visual(state_dict: dict) -> bool:
@@ -77,31 +77,3 @@ def vision_convention(name: str) -> tuple[bool, str | None]:
         raise ValueError(f"Unknown vision convention {name!r}; expected one of {', '.join(VISION_CONVENTIONS)}")
     return VISION_CONVENTIONS[name]
 
-
-def open_clip_tower(path, convention: str = "openflamingo"):
-    """open_clip's own VisionTransformer with the weights of an open_clip visual state dict file,
-    returning the patch tokens as that open_clip version gave them to OpenFlamingo (`.visual(x)[1]`)."""
-    from torch import nn
-
-    from .checkpoint_io import load_state_dict
-    from .reference import open_clip_transformer
-
-    post_layernorm, act = vision_convention(convention)
-    transformer = open_clip_transformer()
-    state = strip_visual_prefix(load_state_dict(path))
-    config = open_clip_vision_config(state)
-    tower = transformer.VisionTransformer(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        width=config.hidden_size,
-        layers=config.num_hidden_layers,
-        heads=config.num_attention_heads,
-        mlp_ratio=config.intermediate_size / config.hidden_size,
-        output_dim=state["proj"].shape[1] if "proj" in state else config.hidden_size,
-        output_tokens=True,
-        # final_ln_after_pool: ln_post on the pooled output only, so the tokens come before it.
-        final_ln_after_pool=not post_layernorm,
-        act_layer=nn.GELU if act == "gelu" else transformer.QuickGELU,
-    )
-    tower.load_state_dict(state)
-    return tower.eval()

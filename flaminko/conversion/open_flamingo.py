@@ -14,14 +14,16 @@ import torch
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 
-from ..modeling_flaminko import FlaminkoForConditionalGeneration, drop_recomputed_buffers, place_open_flamingo_checkpoint
+from ..checkpoint_mapping_flaminko import drop_recomputed_buffers, place_open_flamingo_checkpoint
+from ..modeling_flaminko import FlaminkoForConditionalGeneration
 from .checkpoint_io import ConversionSummary, load_state_dict, write_converted_folder
 from .mosaic_gpt import check_mpt_config, download_without_code, is_mosaic_gpt, model_config_dict, write_mosaic_gpt_as_mpt
 from .open_clip import save_open_clip_visual_as_hf, vision_convention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 def place_checkpoint(model, checkpoint, *, original_vocab_size: int, init_missing_token_rows: bool = False):
-    """place_open_flamingo_checkpoint (the model's own, so that it also works as remote code), summarised."""
+    """place_open_flamingo_checkpoint (shipped with the model, so that its load_state_dict takes the checkpoint
+    as remote code too), summarised."""
     mapped, notes = place_open_flamingo_checkpoint(
         model, checkpoint, original_vocab_size=original_vocab_size, init_missing_token_rows=init_missing_token_rows
     )

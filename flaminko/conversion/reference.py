@@ -1,4 +1,4 @@
-"""OpenFlamingo's own model code as the oracle for converted checkpoints.
+"""OpenFlamingo's (and open_clip's) own model code as the oracle for converted checkpoints.
 
 Needs `pip install --no-deps open-flamingo==2.0.1 einops einops-exts`. The package's __init__
 imports open_clip (and torchvision); the model code itself needs only torch, einops and
@@ -13,11 +13,14 @@ import types
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, GenerationMixin
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import apply_renamings
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ..configuration_flaminko import CACHE_NAME
-from ..modeling_flaminko import _TRANSFORMERS_4_NAMES as TRANSFORMERS_4_NAMES
 from ..modeling_flaminko import decoder_layers_path
+from .checkpoint_io import load_state_dict
+from .open_clip import open_clip_vision_config, strip_visual_prefix, vision_convention
 
 INSTALL_HINT = "pip install --no-deps open-flamingo==2.0.1 einops einops-exts"
 
@@ -68,6 +71,30 @@ def open_clip_transformer():
                 sys.modules[name] = saved[name]
         for name in [n for n in sys.modules if n.startswith("open_clip.")]:
             del sys.modules[name]
+
+
+def open_clip_tower(path, convention: str = "openflamingo"):
+    """open_clip's own VisionTransformer with the weights of an open_clip visual state dict file,
+    returning the patch tokens as that open_clip version gave them to OpenFlamingo (`.visual(x)[1]`)."""
+    post_layernorm, act = vision_convention(convention)
+    transformer = open_clip_transformer()
+    state = strip_visual_prefix(load_state_dict(path))
+    config = open_clip_vision_config(state)
+    tower = transformer.VisionTransformer(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        width=config.hidden_size,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        output_dim=state["proj"].shape[1] if "proj" in state else config.hidden_size,
+        output_tokens=True,
+        # final_ln_after_pool: ln_post on the pooled output only, so the tokens come before it.
+        final_ln_after_pool=not post_layernorm,
+        act_layer=nn.GELU if act == "gelu" else transformer.QuickGELU,
+    )
+    tower.load_state_dict(state)
+    return tower.eval()
 
 
 class _OpenClipLikeTower(nn.Module):
@@ -172,7 +199,6 @@ def build_open_flamingo(
     tower built from the open_clip_visual file when given, else the HF CLIP at `vision`.
     Returns (model, tokenizer)."""
     from .mosaic_gpt import is_mosaic_gpt, model_config_dict
-    from .open_clip import open_clip_tower, vision_convention
 
     flamingo, flamingo_lm, utils = open_flamingo_modules()
     mosaic_gpt = is_mosaic_gpt(model_config_dict(language_model))
@@ -215,14 +241,17 @@ def build_open_flamingo(
     return model, tokenizer
 
 
-def _under_transformers_5_names(checkpoint: dict, lm_type: str) -> dict:
+def _under_transformers_5_names(checkpoint: dict, lang_encoder) -> dict:
     """The checkpoint's LM keys under the names transformers 5 keeps in memory (GPT-NeoX's `embed_out` is
-    `lm_head`), so that OpenFlamingo's strict=False load places them as it did under transformers 4."""
+    `lm_head`), so that OpenFlamingo's strict=False load places them as it did under transformers 4.
+
+    OpenFlamingo's extend_instance re-made the LM's class outside transformers, which takes such a class
+    for custom code and gives it no renames: they are looked up by the class's name, as transformers does."""
+    renamings = get_checkpoint_conversion_mapping(type(lang_encoder).__name__) or []
     renamed = {}
     for key, tensor in checkpoint.items():
-        for old, new in TRANSFORMERS_4_NAMES.get(lm_type, {}).items():
-            if key.startswith(f"lang_encoder.{old}"):
-                key = f"lang_encoder.{new}{key[len(f'lang_encoder.{old}'):]}"
+        if key.startswith("lang_encoder."):
+            key = f"lang_encoder.{apply_renamings(key.removeprefix('lang_encoder.'), renamings)}"
         renamed[key] = tensor
     return renamed
 
@@ -261,7 +290,7 @@ def compare_with_open_flamingo(
     reference, reference_tokenizer = build_open_flamingo(
         vision, language_model, cross_attn_every_n_layers, tokenizer, convention=convention, open_clip_visual=open_clip_visual
     )
-    reference.load_state_dict(_under_transformers_5_names(checkpoint, reference.lang_encoder.config.model_type), strict=False)
+    reference.load_state_dict(_under_transformers_5_names(checkpoint, reference.lang_encoder), strict=False)
     reference.eval()
     if initialised_from_row is not None:
         with torch.no_grad():
