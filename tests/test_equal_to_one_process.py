@@ -70,8 +70,13 @@ def run(out, table, source, *options, config=None, per_device_batch=8, steps=STE
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
             "--mixed_precision", "no", "--main_process_port", str(free_port()), *arguments,
         ]
-    # The launched processes import flaminko as this one does.
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parents[1]), os.environ.get("PYTHONPATH")]))}
+    # The launched processes import flaminko as this one does. Every process runs on one thread: a matrix
+    # product's sums are split by thread count, so the machine's core count would enter the comparison.
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parents[1]), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     if kill_at:
         return result
@@ -85,7 +90,7 @@ def assert_equal_to_one_process(record, reference):
     assert record["trainable"] == reference["trainable"] and record["state"].keys() == reference["state"].keys()
     state, expected = record["state"], reference["state"]
     for name in reference["trainable"]:
-        torch.testing.assert_close(state[name], expected[name], rtol=0, atol=TRAINED_TOLERANCE, msg=name)
+        torch.testing.assert_close(state[name], expected[name], rtol=0, atol=TRAINED_TOLERANCE, msg=lambda detail, name=name: f"{name}: {detail}")
     frozen = [name for name in expected if name not in reference["trainable"]]
     assert any("vision_model" in name for name in frozen) and any("language_model" in name for name in frozen)
     for name in frozen:
@@ -135,7 +140,7 @@ def test_two_processes_from_backbones_equal_one_process(config, backbones, capti
         if torch.equal(expected_final[name], expected_start[name]):
             assert torch.equal(tensor, expected_final[name]), name
         else:
-            torch.testing.assert_close(tensor, expected_final[name], rtol=0, atol=TRAINED_TOLERANCE, msg=name)
+            torch.testing.assert_close(tensor, expected_final[name], rtol=0, atol=TRAINED_TOLERANCE, msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 @cpu_only

@@ -58,7 +58,7 @@ def test_fsdp2_on_two_cpu_processes_resumes_and_matches_one_process(backbones, c
     assert any("cross_attn_layers" in name for name in trained) and any("vision_model" in name for name in frozen)
     for name in expected:
         assert not torch.equal(trained[name], start[name]), f"{name} did not train"
-        torch.testing.assert_close(trained[name], expected[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(trained[name], expected[name], rtol=0, atol=1e-5, msg=lambda detail, name=name: f"{name}: {detail}")
     for name, tensor in frozen.items():
         if name in start:
             assert torch.equal(tensor, start[name]), f"frozen {name} changed"
@@ -248,7 +248,7 @@ def test_fsdp2_first_five_steps_equal_one_process(phase, backbones, caption_tabl
     start = {name: p.detach().clone() for name, p in build(vision, language, lora)[0].named_parameters()}
     for name in expected:
         assert not torch.equal(trained[name], start[name]), f"{name} did not train"
-        torch.testing.assert_close(trained[name], expected[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(trained[name], expected[name], rtol=0, atol=1e-6, msg=lambda detail, name=name: f"{name}: {detail}")
     assert any("vision_model" in name for name in frozen)
     for name, tensor in frozen.items():
         if name in start:
