@@ -6,9 +6,11 @@ and seed: the losses of the first 5 steps agree within 1e-4, the trainable weigh
 TRAINED_TOLERANCE, the frozen ones bit for bit.
 
 TRAINED_TOLERANCE: each step's gradient is summed in another order (two halves, then all-reduced,
-instead of one batch of 8), which moves it by float32 rounding (about 1e-7 relative); Adam passes a
-relative change of the gradient on to its step, whose size is at most about the learning rate (1e-3), so
-five steps differ by well under 1e-6. Measured: 1.3e-7 (DDP, ZeRO-2, ZeRO-3), 4.6e-7 (ZeRO-3 with LoRA).
+instead of one batch of 8), which moves it by float32 rounding (about 1e-7 relative). Adam divides each
+gradient by its running size, so where a gradient is as small as its rounding error the rounding can move
+that weight's step by up to the learning rate (1e-3); every process runs on one thread so that the thread
+count, which splits a matrix product's sums, does not add to it. Measured: 1.3e-7 (DDP, ZeRO-2, ZeRO-3),
+4.6e-7 (ZeRO-3 with LoRA); the tolerance is about twice the largest.
 """
 
 import importlib.util
