@@ -19,12 +19,23 @@ longer does:
   the tokens the engine sends back). Here the handler's two shapes are met once (`generation_config`,
   `respond`); on 5.25 a `FlaminkoEngine` stands for the engine client, over flaminko's own manager.
 A release that removes or renames a piece listed in `used()` ends in one ImportError naming it.
+
+Continuous batching (`continuous`) reaches into transformers in two more places, both here and the same
+on 5.23 through 5.25:
+- the cache: `SlotCache` keeps the rows of the running batch in a `StaticCache`, whose full-attention
+  layers (`StaticLayer`) write a step's keys/values at one column for every row (`cumulative_length`),
+  allocate their store in `lazy_initialization` and hold it as `keys` and `values`; a prefill's
+  `DynamicCache` holds its layers' tensors as `layers[i].keys` and `.values`;
+- a request's settings: `decoding_settings` prepares them as generate does, with generate's own
+  private steps (`_prepare_generation_config`, `_prepare_special_tokens`, `_get_logits_processor`), so
+  that a row's tokens are chosen as generate alone would choose them.
 """
 
 import copy
 from importlib.metadata import version
 from importlib.util import find_spec
 
+import torch
 from packaging.version import Version
 
 INSTALL_HINT = "pip install 'flaminko[serve]'"
@@ -118,3 +129,92 @@ class TransformersServing:
         if body.get("stream"):
             return handler._streaming(request_id, engine, inputs, generation_kwargs, stream_options=body.get("stream_options"))
         return await handler._non_streaming(request_id, engine, inputs, generation_kwargs)
+
+
+GENERATE_STEPS = ("_prepare_generation_config", "_prepare_special_tokens", "_get_logits_processor")
+
+
+def decoding_settings(model, generation_config, prompt_ids):
+    """A request's settings as generate prepares them for a prompt `prompt_ids` (1, P): the request's
+    `generation_config` (None: the model's) merged over the model's generation config and transformers'
+    defaults, its special-token tensors set, and the logits processors generate builds from it.
+    Returns (config, processors)."""
+    missing = [name for name in GENERATE_STEPS if not hasattr(model, name)]
+    if missing:
+        raise ImportError(
+            f"transformers {version('transformers')} has changed generate's preparation continuous batching "
+            f"reuses ({', '.join(missing)} missing)"
+        )
+    config, _ = model._prepare_generation_config(generation_config)
+    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=prompt_ids.device)
+    processors = model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=prompt_ids.shape[-1],
+        encoder_input_ids=prompt_ids,
+        device=prompt_ids.device,
+    )
+    return config, processors
+
+
+class SlotCache:
+    """The language model's cache for continuous batching: transformers' `StaticCache`, `slots` rows by
+    `columns` columns per layer, whose store flaminko reads and writes by row and column.
+
+    A decoding step over rows [0, rows) takes `for_step(rows, column)`: every layer's first `rows` rows
+    (views: the step writes into the store) and `column` as the one column the step writes for all of
+    them. Layers of any other kind than full attention (sliding windows, linear attention) keep their
+    own positions, and are refused."""
+
+    def __init__(self, *, text_config, slots: int, columns: int):
+        from transformers.cache_utils import StaticCache, StaticLayer
+
+        self.cache = StaticCache(config=text_config, max_cache_len=columns)
+        others = sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer})
+        if others:
+            raise ValueError(
+                f"continuous batching needs full-attention layers only; this language model's cache also has {', '.join(others)}"
+            )
+        self.slots = slots
+        # Allocated at the first placement, in the heads, head size, dtype and device the LM's layers give.
+        self.keys: list[torch.Tensor] | None = None
+        self.values: list[torch.Tensor] | None = None
+
+    def place(self, row: int, prefill_cache, end: int) -> None:
+        """Copies a prefill's keys and values (a DynamicCache of one row, P tokens) into `row`, at
+        columns [end - P, end)."""
+        layers = prefill_cache.layers
+        if self.keys is None:
+            self._allocate(layers)
+        for keys, values, layer in zip(self.keys, self.values, layers):
+            length = layer.keys.shape[-2]
+            keys[row, :, end - length : end] = layer.keys[0]
+            values[row, :, end - length : end] = layer.values[0]
+
+    def move(self, source: int, target: int) -> None:
+        """Row `source`'s keys and values, every column, into row `target`."""
+        for store in (*self.keys, *self.values):
+            store[target] = store[source]
+
+    def gather_columns(self, rows: int, index: torch.LongTensor) -> None:
+        """index (rows, kept): for each of rows [0, rows), the columns to keep, in order; they become its
+        columns [0, kept)."""
+        for store in (*self.keys, *self.values):
+            # (rows, kept) -> (rows, heads, kept, head_dim), the layout of the store
+            spread = index[:, None, :, None].expand(-1, store.shape[1], -1, store.shape[-1])
+            store[:rows, :, : index.shape[1]] = store[:rows].gather(2, spread)
+
+    def for_step(self, rows: int, column: int):
+        """The cache a decoding step over rows [0, rows) takes, writing at `column`."""
+        for layer, keys, values in zip(self.cache.layers, self.keys, self.values):
+            layer.keys, layer.values = keys[:rows], values[:rows]
+            layer.cumulative_length.fill_(column)
+        return self.cache
+
+    def _allocate(self, prefill_layers) -> None:
+        for layer, prefill_layer in zip(self.cache.layers, prefill_layers):
+            # lazy_initialization sizes the store (batch, heads, columns, head_dim) from the tensors it is given.
+            layer.lazy_initialization(
+                prefill_layer.keys.expand(self.slots, -1, -1, -1), prefill_layer.values.expand(self.slots, -1, -1, -1)
+            )
+        self.keys = [layer.keys for layer in self.cache.layers]
+        self.values = [layer.values for layer in self.cache.layers]
