@@ -1,0 +1,196 @@
+"""Continuous batching with images (flaminko/serving/continuous.py): requests with 0, 1 or several
+images and text-only ones join the running batch at different steps and leave it as they end, and
+each answer equals `model.generate` alone for that request, token for token; a seeded sampled answer
+equals generate's alone under the same seed, in a full batch as alone; a short request that joins
+while a long one runs ends first; a cancelled request frees its slot at the next step."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import build_model, noise_image
+from flaminko.serving.continuous import ContinuousBatcher, Request
+
+# (text, seeds of its images): two images, text before an image, text only, one image alone, three images.
+PROMPTS = [
+    ("<image>빨간색 원<|endofchunk|><image>", (1, 2)),
+    ("글 먼저<image>파란색", (3,)),
+    ("글만 있는 질문", ()),
+    ("<image>", (4,)),
+    ("<image>a<|endofchunk|><image>b<|endofchunk|><image>c", (5, 6, 7)),
+]
+
+
+def inputs_of(processor, prompt: int) -> dict:
+    text, seeds = PROMPTS[prompt]
+    if not seeds:
+        return processor(text=text)
+    return processor(text=text, images=[noise_image(seed) for seed in seeds])
+
+
+def request(inputs: dict, config: GenerationConfig, **options) -> Request:
+    return Request(input_ids=inputs["input_ids"], pixel_values=inputs.get("pixel_values"), generation_config=config, **options)
+
+
+def alone(model, inputs: dict, config: GenerationConfig, seed: int | None = None) -> list[int]:
+    """What `generate` answers for the request by itself (seeded through torch's global generator)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    output = model.generate(**inputs, generation_config=config)
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def greedy(max_new_tokens: int, **settings) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, **settings)
+
+
+def sampled(max_new_tokens: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, top_k=20, temperature=0.8)
+
+
+def longest_prompt(processor) -> int:
+    return max(inputs_of(processor, prompt)["input_ids"].shape[1] for prompt in range(len(PROMPTS)))
+
+
+# (step at which it is submitted, prompt, max_new_tokens): short and long answers, joining while others run.
+SCHEDULE = [(0, 0, 25), (0, 2, 4), (0, 3, 2), (1, 1, 17), (1, 4, 9), (3, 2, 25), (4, 0, 3), (6, 3, 12), (6, 4, 20), (9, 1, 2)]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "gpt2", "gptj"])
+def test_mixed_requests_joining_at_different_steps_answer_as_generate_alone(backbones, family):
+    """gpt2 places positions by embedding, gptj takes its media through a context variable."""
+    model, processor = build_model(backbones, family)
+    # Columns for the longest request and a few more: they run out while rows run, and rows are gathered.
+    batcher = ContinuousBatcher(model=model, slots=3, columns=longest_prompt(processor) + 25 + 4, max_images=3)
+    answers, expected = [], []
+    most_running, step = 0, 0
+    while step <= SCHEDULE[-1][0] or batcher.running:
+        for joins, prompt, max_new_tokens in SCHEDULE:
+            if joins == step:
+                inputs = inputs_of(processor, prompt)
+                answers.append(batcher.submit(request(inputs, greedy(max_new_tokens))))
+                expected.append(alone(model, inputs, greedy(max_new_tokens)))
+        batcher.step()
+        most_running = max(most_running, batcher.running)
+        step += 1
+    assert most_running == 3 and batcher.repacks >= 1
+    assert [answer.finish_reason for answer in answers] == ["stop" if len(e) < s[2] else "length" for e, s in zip(expected, SCHEDULE)]
+    for answer, tokens in zip(answers, expected):
+        assert answer.tokens == tokens
+
+
+def test_a_stop_token_ends_the_answer_as_it_ends_generate(model_and_processor):
+    model, processor = model_and_processor
+    inputs = inputs_of(processor, 1)
+    free = alone(model, inputs, greedy(10))
+    place = next(index for index in range(1, len(free)) if free[index] not in free[:index])
+    config = greedy(10, eos_token_id=[*model.generation_config.eos_token_id, free[place]])
+    batcher = ContinuousBatcher(model=model, slots=2, columns=64, max_images=3)
+    stopped = batcher.submit(request(inputs, config))
+    beside = batcher.submit(request(inputs_of(processor, 0), greedy(10)))
+    batcher.run()
+    assert stopped.finish_reason == "stop"
+    assert stopped.tokens == free[: place + 1] == alone(model, inputs, config)
+    assert beside.finish_reason == "length" and len(beside.tokens) == 10
+
+
+def test_a_seeded_sampled_answer_is_generates_under_that_seed_alone_or_in_a_full_batch(model_and_processor):
+    """Each sampled request draws from its own generator, seeded with its seed: the same draws as
+    generate's from torch's global generator after torch.manual_seed(seed)."""
+    model, processor = model_and_processor
+    inputs = inputs_of(processor, 0)
+    expected = alone(model, inputs, sampled(12), seed=7)
+
+    by_itself = ContinuousBatcher(model=model, slots=4, columns=64, max_images=3)
+    answer = by_itself.submit(request(inputs, sampled(12), seed=7))
+    by_itself.run()
+    assert answer.tokens == expected
+
+    full = ContinuousBatcher(model=model, slots=4, columns=64, max_images=3)
+    others = [
+        full.submit(request(inputs_of(processor, 4), sampled(20))),  # unseeded: draws of its own
+        full.submit(request(inputs_of(processor, 2), greedy(5))),
+    ]
+    full.step()
+    full.step()
+    other_seeded = full.submit(request(inputs_of(processor, 1), sampled(9), seed=11))
+    answer = full.submit(request(inputs, sampled(12), seed=7))
+    full.step()
+    assert full.running == 4
+    full.run()
+    assert answer.tokens == expected
+    assert other_seeded.tokens == alone(model, inputs_of(processor, 1), sampled(9), seed=11)
+    assert all(other.done for other in others)
+
+
+def test_a_short_request_joining_while_a_long_one_runs_finishes_first(model_and_processor):
+    model, processor = model_and_processor
+    long_inputs, short_inputs = inputs_of(processor, 4), inputs_of(processor, 1)
+    long_config, short_config = greedy(30, min_new_tokens=30), greedy(3, min_new_tokens=3)
+    batcher = ContinuousBatcher(model=model, slots=2, columns=64, max_images=3)
+    long = batcher.submit(request(long_inputs, long_config))
+    for _ in range(3):
+        batcher.step()
+    short = batcher.submit(request(short_inputs, short_config))
+    while not short.done:
+        batcher.step()
+    assert not long.done and len(long.tokens) < 12
+    batcher.run()
+    assert long.tokens == alone(model, long_inputs, long_config)
+    assert short.tokens == alone(model, short_inputs, short_config)
+
+
+def test_a_cancelled_request_frees_its_slot_at_the_next_step(model_and_processor):
+    model, processor = model_and_processor
+    batcher = ContinuousBatcher(model=model, slots=1, columns=64, max_images=3)
+    running = batcher.submit(request(inputs_of(processor, 0), greedy(30, min_new_tokens=30)))
+    waiting_inputs = inputs_of(processor, 3)
+    waiting = batcher.submit(request(waiting_inputs, greedy(6)))
+    never_run = batcher.submit(request(inputs_of(processor, 2), greedy(6)))
+    for _ in range(3):
+        batcher.step()
+    assert waiting.tokens == [] and batcher.running == 1
+    running.cancel()
+    never_run.cancel()
+    tokens_so_far = len(running.tokens)
+    batcher.step()
+    assert running.finish_reason == "cancelled" and len(running.tokens) == tokens_so_far
+    # The waiting request took the slot in that same step: its first token and one decoded.
+    assert len(waiting.tokens) == 2 and batcher.running == 1
+    batcher.run()
+    assert never_run.finish_reason == "cancelled" and never_run.tokens == []
+    assert waiting.tokens == alone(model, waiting_inputs, greedy(6))
+
+
+def test_a_prompt_the_model_refuses_ends_in_an_error_and_the_others_go_on(model_and_processor):
+    model, processor = model_and_processor
+    batcher = ContinuousBatcher(model=model, slots=2, columns=64, max_images=3)
+    # The processor refuses it too: the tokenizer alone makes it.
+    no_image = processor.tokenizer("<image>그림이 없는 질문", return_tensors="pt")
+    refused = batcher.submit(Request(input_ids=no_image["input_ids"], generation_config=greedy(4)))
+    inputs = inputs_of(processor, 1)
+    answered = batcher.submit(request(inputs, greedy(4)))
+    batcher.run()
+    assert refused.finish_reason == "error" and "<image> tokens" in refused.error and refused.tokens == []
+    assert answered.tokens == alone(model, inputs, greedy(4))
+
+
+def test_bad_requests_and_models_are_refused_at_the_boundary(backbones, model_and_processor):
+    model, processor = model_and_processor
+    batcher = ContinuousBatcher(model=model, slots=2, columns=20, max_images=2)
+    two_images, three_images = inputs_of(processor, 0), inputs_of(processor, 4)
+    with pytest.raises(ValueError, match="need .* cache columns; this batcher has 20"):
+        batcher.submit(request(two_images, greedy(20)))
+    with pytest.raises(ValueError, match="3 images exceed the 2"):
+        batcher.submit(request(three_images, greedy(2)))
+    with pytest.raises(ValueError, match="num_beams must be 1"):
+        batcher.submit(request(two_images, greedy(2, num_beams=2)))
+    with pytest.raises(ValueError, match="max_new_tokens must be set"):
+        batcher.submit(request(two_images, GenerationConfig()))
+    with pytest.raises(ValueError, match=r"shape \(1, P\)"):
+        batcher.submit(Request(input_ids=two_images["input_ids"][0], generation_config=greedy(2)))
+    with pytest.raises(ValueError, match="slots must be an integer of at least 1"):
+        ContinuousBatcher(model=model, slots=0, columns=20, max_images=2)
+    mpt, _ = build_model(backbones, "mpt")
+    with pytest.raises(ValueError, match="decodes from a static cache"):
+        ContinuousBatcher(model=mpt, slots=2, columns=20, max_images=2)
