@@ -105,15 +105,16 @@ class HostReads(TorchFunctionMode):
 
     READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
 
-    def __init__(self):
+    def __init__(self, files=FLAMINKO_FILES):
         super().__init__()
+        self.files = files
         self.sites = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", None) in self.READS:
             # The frame that asked for the value: the innermost one outside torch itself.
             caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if not f.filename.startswith(TORCH_DIR))
-            if caller.filename in FLAMINKO_FILES:
+            if caller.filename in self.files:
                 self.sites[f"{caller.name}:{caller.lineno}"] += 1
         return func(*args, **(kwargs or {}))
 

@@ -9,7 +9,9 @@ import torch
 from transformers import GenerationConfig
 
 from conftest import build_model, noise_image
+from flaminko.serving import continuous, stack
 from flaminko.serving.continuous import ContinuousBatcher, Request
+from test_compile import FLAMINKO_FILES, HostReads
 
 # (text, seeds of its images): two images, text before an image, text only, one image alone, three images.
 PROMPTS = [
@@ -162,16 +164,38 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(model_and_processor
     assert waiting.tokens == alone(model, waiting_inputs, greedy(6))
 
 
-def test_a_prompt_the_model_refuses_ends_in_an_error_and_the_others_go_on(model_and_processor):
+def test_a_decoding_step_reads_the_device_once(model_and_processor):
+    """One host sync per step in Flaminko's code (the model's, the batcher's, the cache's): all rows' new
+    tokens, read together. The prompt's checks read values at the prefill only."""
     model, processor = model_and_processor
-    batcher = ContinuousBatcher(model=model, slots=2, columns=64, max_images=3)
+    batcher = ContinuousBatcher(model=model, slots=3, columns=64, max_images=3)
+    for prompt in (0, 2, 3):
+        batcher.submit(request(inputs_of(processor, prompt), greedy(10, min_new_tokens=10)))
+    batcher.step()
+    with HostReads(files=FLAMINKO_FILES | {continuous.__file__, stack.__file__}) as spy:
+        for _ in range(4):
+            batcher.step()
+    assert batcher.running == 3
+    assert sum(spy.sites.values()) == 4 and all(site.startswith("step:") for site in spy.sites)
+
+
+def test_a_request_that_fails_ends_in_an_error_and_the_others_go_on(model_and_processor):
+    """A prompt the model refuses at its prefill, and a caller's token callback that raises."""
+    model, processor = model_and_processor
+    batcher = ContinuousBatcher(model=model, slots=3, columns=64, max_images=3)
     # The processor refuses it too: the tokenizer alone makes it.
     no_image = processor.tokenizer("<image>그림이 없는 질문", return_tensors="pt")
     refused = batcher.submit(Request(input_ids=no_image["input_ids"], generation_config=greedy(4)))
+
+    def gone(token):
+        raise ConnectionError("the client has gone")
+
     inputs = inputs_of(processor, 1)
+    failing = batcher.submit(request(inputs_of(processor, 0), greedy(8), on_token=gone))
     answered = batcher.submit(request(inputs, greedy(4)))
     batcher.run()
     assert refused.finish_reason == "error" and "<image> tokens" in refused.error and refused.tokens == []
+    assert failing.finish_reason == "error" and "the client has gone" in failing.error and len(failing.tokens) == 1
     assert answered.tokens == alone(model, inputs, greedy(4))
 
 

@@ -40,6 +40,7 @@ One host sync per step: the step's new tokens of every row (and the first tokens
 joined) are read together, to stream them and to end rows.
 """
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable
@@ -63,8 +64,8 @@ class Request:
     generation_config: the settings (None: the model's); max_new_tokens must be set. Its eos_token_id
         ends the answer: stop tokens go there, as for generate.
     seed: seeds a sampled answer (see the module's docstring).
-    on_token: called with each new token id as it comes, on the thread that runs `step`; what it raises
-        propagates out of `step`.
+    on_token: called with each new token id as it comes, on the thread that runs `step`; if it raises,
+        the answer ends there with finish_reason "error" (the other rows go on).
     """
 
     input_ids: torch.LongTensor
@@ -106,7 +107,7 @@ class Answer:
         self._done.set()
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)  # compared and hashed as itself
 class _Row:
     """A request in a slot: its prepared settings and what the host knows of it."""
 
@@ -209,14 +210,10 @@ class ContinuousBatcher:
             seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()))
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
         answer = Answer()
-        request = Request(
-            input_ids=prompt_ids,
-            pixel_values=None if pixel_values is None else pixel_values.to(self.model.device),
-            generation_config=config,
-            seed=request.seed,
-            on_token=request.on_token,
+        on_device = dataclasses.replace(
+            request, input_ids=prompt_ids, pixel_values=None if pixel_values is None else pixel_values.to(self.model.device)
         )
-        self._queue.put(_Queued(request, answer, config, processors, generator))
+        self._queue.put(_Queued(on_device, answer, config, processors, generator))
         return answer
 
     def run(self) -> None:
@@ -236,15 +233,12 @@ class ContinuousBatcher:
         # The step's one host sync.
         taken = torch.cat([*first_tokens, new_tokens]).tolist()
         firsts, decoded = taken[: len(joined)], taken[len(joined) :]
-        ended = set()
-        for row, token in zip(joined, firsts):
-            if self._take(row, token):
-                ended.add(id(row))
-        for index, (row, token) in enumerate(zip(self._rows, decoded)):
+        ended = {row for row, token in zip(joined, firsts) if self._take(row, token)}
+        for row, token in zip(self._rows, decoded):
             # A row that ended on its first token ran in this step's forward for nothing.
-            if id(row) not in ended and self._take(row, token):
-                ended.add(id(row))
-        self._leave([index for index, row in enumerate(self._rows) if id(row) in ended])
+            if row not in ended and self._take(row, token):
+                ended.add(row)
+        self._leave([index for index, row in enumerate(self._rows) if row in ended])
         return bool(self._rows) or not self._queue.empty()
 
     def _admit(self) -> tuple[list[_Row], list[torch.Tensor]]:
@@ -383,7 +377,11 @@ class ContinuousBatcher:
         """Hands a new token to the row's answer; returns whether the row has ended."""
         row.answer.tokens.append(token)
         if row.request.on_token is not None:
-            row.request.on_token(token)
+            try:
+                row.request.on_token(token)
+            except Exception as error:  # the caller's callback failed: its row ends, the others go on
+                row.answer._finish("error", f"on_token failed: {error}")
+                return True
         if token in row.eos:
             row.answer._finish("stop")
         elif len(row.answer.tokens) >= row.max_new_tokens:
