@@ -52,8 +52,6 @@ from transformers import GenerationConfig, LogitsProcessorList
 from ..configuration_flaminko import CACHE_NAME
 from .stack import SlotCache, decoding_settings
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
 
 @dataclass(kw_only=True)
 class Request:
@@ -77,8 +75,9 @@ class Request:
 
 class Answer:
     """A submitted request's answer: `tokens`, its new token ids as they come (the EOS or stop token that
-    ends it included, as generate returns it), and once `done`, `finish_reason` (one of FINISH_REASONS;
-    with "error", `error` says why). `cancel()` may be called from any thread."""
+    ends it included, as generate returns it), and once `done`, `finish_reason`: "stop" (an EOS or stop
+    token), "length" (max_new_tokens), "cancelled" or "error" (`error` says why). `cancel()` may be
+    called from any thread."""
 
     def __init__(self):
         self.tokens: list[int] = []
@@ -180,7 +179,13 @@ class ContinuousBatcher:
         """Queues a request, checked here (its shapes and settings); the model checks its prompt and
         images at its prefill, and a refused one ends with finish_reason "error"."""
         input_ids, pixel_values = request.input_ids, request.pixel_values
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.is_floating_point()
+            or input_ids.ndim != 2
+            or input_ids.shape[0] != 1
+            or input_ids.shape[1] == 0
+        ):
             raise ValueError(f"input_ids must be integer token ids of shape (1, P), P >= 1; got {_describe(input_ids)}")
         if pixel_values is not None:
             if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim not in (5, 6) or pixel_values.shape[0] != 1:
