@@ -4,6 +4,10 @@ each answer equals `model.generate` alone for that request, token for token; a s
 equals generate's alone under the same seed, in a full batch as alone; a short request that joins
 while a long one runs ends first; a cancelled request frees its slot at the next step."""
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -79,6 +83,34 @@ def test_mixed_requests_joining_at_different_steps_answer_as_generate_alone(back
     assert [answer.finish_reason for answer in answers] == ["stop" if len(e) < s[2] else "length" for e, s in zip(expected, SCHEDULE)]
     for answer, tokens in zip(answers, expected):
         assert answer.tokens == tokens
+
+
+def test_requests_submitted_from_other_threads_while_it_steps_answer_as_generate_alone(model_and_processor):
+    model, processor = model_and_processor
+    cases = list(zip((0, 1, 2, 3, 4, 0, 2), (14, 3, 9, 20, 6, 2, 11)))  # (prompt, max_new_tokens)
+    inputs = [inputs_of(processor, prompt) for prompt, _ in cases]
+    expected = [alone(model, case_inputs, greedy(max_new_tokens)) for case_inputs, (_, max_new_tokens) in zip(inputs, cases)]
+    batcher = ContinuousBatcher(model=model, slots=3, columns=64, max_images=3)
+    finished = threading.Event()
+
+    def steps():
+        while not finished.is_set():
+            if not batcher.step():
+                time.sleep(0.001)  # nothing queued yet
+
+    worker = threading.Thread(target=steps)
+    worker.start()
+    try:
+        with ThreadPoolExecutor(len(cases)) as pool:
+            answers = list(
+                pool.map(lambda index: batcher.submit(request(inputs[index], greedy(cases[index][1]))), range(len(cases)))
+            )
+        # A guard against a hang, not a measure of speed.
+        assert all(answer.wait(timeout=300) for answer in answers)
+    finally:
+        finished.set()
+        worker.join()
+    assert [answer.tokens for answer in answers] == expected
 
 
 def test_a_stop_token_ends_the_answer_as_it_ends_generate(model_and_processor):
