@@ -22,6 +22,19 @@ if TRANSFORMERS_VERSION not in SpecifierSet(TRANSFORMERS_WINDOW):
 # 5.24 renamed past_key_values to `cache` in forward, in generate's model kwargs and in outputs.
 CACHE_NAME = "cache" if TRANSFORMERS_VERSION >= Version("5.24") else "past_key_values"
 
+
+def cache_field_named_by_transformers(output_class):
+    """Renames a model output class's `cache` field to the installed transformers' name for it (before 5.24:
+    past_key_values), keeping the field order, so that generate finds the cache where it looks."""
+    if CACHE_NAME != "cache":
+        output_class.__annotations__ = {
+            (CACHE_NAME if name == "cache" else name): kind for name, kind in output_class.__annotations__.items()
+        }
+        setattr(output_class, CACHE_NAME, vars(output_class)["cache"])
+        delattr(output_class, "cache")
+    return output_class
+
+
 # CLIP ViT-L/14 at 224 px, the vision tower of OpenFlamingo and OpenFlaminKO.
 DEFAULT_VISION_CONFIG = {
     "model_type": "clip_vision_model",

@@ -45,7 +45,7 @@ from .checkpoint_mapping_flaminko import (
     is_open_flamingo_state_dict,
     place_open_flamingo_checkpoint,
 )
-from .configuration_flaminko import CACHE_NAME, FlaminkoConfig
+from .configuration_flaminko import CACHE_NAME, FlaminkoConfig, cache_field_named_by_transformers
 from .input_checks_flaminko import (
     check_clip_vision_tower,
     check_context,
@@ -413,20 +413,8 @@ def add_mpt_query_key_layernorm(language_model: PreTrainedModel):
         attention.Wqkv.register_forward_hook(_MptQueryKeyLayerNorm(attention.q_ln, attention.k_ln))
 
 
-def _cache_field_named_by_transformers(output_class):
-    """Renames the class's `cache` field to the installed transformers' name for it (before 5.24:
-    past_key_values), keeping the field order, so that generate finds the cache where it looks."""
-    if CACHE_NAME != "cache":
-        output_class.__annotations__ = {
-            (CACHE_NAME if name == "cache" else name): kind for name, kind in output_class.__annotations__.items()
-        }
-        setattr(output_class, CACHE_NAME, vars(output_class)["cache"])
-        delattr(output_class, "cache")
-    return output_class
-
-
 @dataclass
-@_cache_field_named_by_transformers
+@cache_field_named_by_transformers
 class FlaminkoModelOutputWithPast(ModelOutput):
     """
     last_hidden_state: (B, T, D_text) the LM's final hidden states (after its last norm), before its output layer.
@@ -444,7 +432,7 @@ class FlaminkoModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-@_cache_field_named_by_transformers
+@cache_field_named_by_transformers
 class FlaminkoCausalLMOutputWithPast(ModelOutput):
     """
     image_outputs: get_image_features' output for the call's pixel_values (None when none were given).
