@@ -51,6 +51,7 @@ from .input_checks_flaminko import (
     check_context,
     check_frame_count,
     check_image_batch,
+    check_image_embedding_is_unique,
     check_image_token_count,
     check_local_path,
     check_media_inputs,
@@ -729,14 +730,8 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         if input_ids is not None:
             return input_ids == media_id
         weight = self.get_input_embeddings().weight
-        image_embedding = weight[media_id]
-        if not torch.compiler.is_compiling() and int((weight == image_embedding).all(-1).sum()) > 1:
-            # from_backbones starts every new token's row at the same mean, until training sets them apart.
-            raise ValueError(
-                "inputs_embeds cannot show where the images go: another token has the embedding of <image> "
-                "(new token rows are equal until trained); pass input_ids"
-            )
-        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+        check_image_embedding_is_unique(weight, media_id)
+        return (inputs_embeds == weight[media_id].to(inputs_embeds.dtype)).all(-1)
 
     @can_return_tuple
     def forward(
