@@ -39,12 +39,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-from .checkpoint_mapping_flaminko import (
-    decoder_layers_path,
-    drop_recomputed_buffers,
-    is_open_flamingo_state_dict,
-    place_open_flamingo_checkpoint,
-)
+from .checkpoint_mapping_flaminko import decoder_layers_path, is_open_flamingo_state_dict, load_open_flamingo_state_dict
 from .configuration_flaminko import CACHE_NAME, FlaminkoConfig, cache_field_named_by_transformers
 from .input_checks_flaminko import (
     check_clip_vision_tower,
@@ -950,11 +945,7 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         The buffers a transformers 4.x checkpoint carries are checked against what the model
         computes and left out, as `flaminko convert` does."""
         if is_open_flamingo_state_dict(state_dict):
-            state_dict, _ = drop_recomputed_buffers(state_dict, self)
-            # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
-            place_open_flamingo_checkpoint(
-                self, state_dict, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
-            )
+            load_open_flamingo_state_dict(self, state_dict)
             return nn.modules.module._IncompatibleKeys([], [])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
