@@ -11,7 +11,6 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 """
 
 import contextvars
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +39,12 @@ if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from .checkpoint_mapping_flaminko import decoder_layers_path, is_open_flamingo_state_dict, load_open_flamingo_state_dict
-from .configuration_flaminko import CACHE_NAME, FlaminkoConfig, cache_field_named_by_transformers
+from .configuration_flaminko import (
+    CACHE_NAME,
+    FlaminkoConfig,
+    cache_field_named_by_transformers,
+    quantization_config_skipping,
+)
 from .input_checks_flaminko import (
     check_clip_vision_tower,
     check_context,
@@ -589,31 +593,13 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = cls._skip_precise_modules(kwargs["quantization_config"])
+            kwargs["quantization_config"] = quantization_config_skipping(kwargs["quantization_config"], cls._modules_not_to_quantize)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # With output_loading_info=True: (model, loading_info).
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading materialises fresh parameters, which forget requires_grad.
         model.apply_freezing()
         return loaded
-
-    @classmethod
-    def _skip_precise_modules(cls, quantization_config):
-        """quantization_config (a config or its dict) leaving `_modules_not_to_quantize` unquantized,
-        unless it names its own modules to skip (bitsandbytes: llm_int8_skip_modules; the others:
-        modules_to_not_convert). The caller's object is left unchanged."""
-        is_dict = isinstance(quantization_config, dict)
-        method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
-        field = "llm_int8_skip_modules" if method == "bitsandbytes" else "modules_to_not_convert"
-        if is_dict:
-            if quantization_config.get(field) is not None:
-                return quantization_config
-            return {**quantization_config, field: list(cls._modules_not_to_quantize)}
-        if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
-            return quantization_config
-        quantization_config = copy.deepcopy(quantization_config)
-        setattr(quantization_config, field, list(cls._modules_not_to_quantize))
-        return quantization_config
 
     def apply_freezing(self):
         """Set requires_grad from the config (OpenFlamingo's default: only the resampler, the
