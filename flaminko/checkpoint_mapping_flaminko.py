@@ -266,3 +266,14 @@ def place_open_flamingo_checkpoint(
                 f"{name} rows {original_vocab_size}..{rows - 1} = mean of the original rows (not in the checkpoint)"
             )
     return len(mapped), notes
+
+
+def load_open_flamingo_state_dict(model, state_dict: dict):
+    """The model's load_state_dict for an OpenFlamingo state dict: the transformers 4.x buffers are checked
+    and left out, the rest placed key by key, and embedding rows of the new tokens that the checkpoint
+    lacks set to the mean of the original rows."""
+    state_dict, _ = drop_recomputed_buffers(state_dict, model)
+    # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
+    place_open_flamingo_checkpoint(
+        model, state_dict, original_vocab_size=model.config.eoc_token_id, init_missing_token_rows=True
+    )

@@ -1,8 +1,11 @@
 """Flaminko configuration: a CLIP vision tower, a Perceiver resampler and gated cross-attention
-blocks in front of any Hugging Face causal LM.
+blocks in front of any Hugging Face causal LM. Also the settings decided before a model is built: the
+transformers window (and the names that differ within it) and what a quantization config leaves unquantized.
 
 Shipped to the Hub as remote code: imports only torch, transformers and sibling files.
 """
+
+import copy
 
 import transformers
 from packaging.specifiers import SpecifierSet
@@ -21,6 +24,19 @@ if TRANSFORMERS_VERSION not in SpecifierSet(TRANSFORMERS_WINDOW):
     )
 # 5.24 renamed past_key_values to `cache` in forward, in generate's model kwargs and in outputs.
 CACHE_NAME = "cache" if TRANSFORMERS_VERSION >= Version("5.24") else "past_key_values"
+
+
+def cache_field_named_by_transformers(output_class):
+    """Renames a model output class's `cache` field to the installed transformers' name for it (before 5.24:
+    past_key_values), keeping the field order, so that generate finds the cache where it looks."""
+    if CACHE_NAME != "cache":
+        output_class.__annotations__ = {
+            (CACHE_NAME if name == "cache" else name): kind for name, kind in output_class.__annotations__.items()
+        }
+        setattr(output_class, CACHE_NAME, vars(output_class)["cache"])
+        delattr(output_class, "cache")
+    return output_class
+
 
 # CLIP ViT-L/14 at 224 px, the vision tower of OpenFlamingo and OpenFlaminKO.
 DEFAULT_VISION_CONFIG = {
@@ -73,6 +89,24 @@ def check_positive_ints(**settings):
     for name, value in settings.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def quantization_config_skipping(quantization_config, modules: list[str]):
+    """quantization_config (a config or its dict) leaving `modules` unquantized, unless it names its own
+    modules to skip (bitsandbytes: llm_int8_skip_modules; the others: modules_to_not_convert). The caller's
+    object is left unchanged."""
+    is_dict = isinstance(quantization_config, dict)
+    method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
+    field = "llm_int8_skip_modules" if method == "bitsandbytes" else "modules_to_not_convert"
+    if is_dict:
+        if quantization_config.get(field) is not None:
+            return quantization_config
+        return {**quantization_config, field: list(modules)}
+    if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
+        return quantization_config
+    quantization_config = copy.deepcopy(quantization_config)
+    setattr(quantization_config, field, list(modules))
+    return quantization_config
 
 
 class FlaminkoConfig(PreTrainedConfig):

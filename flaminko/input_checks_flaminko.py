@@ -1,7 +1,7 @@
 """The checks of what Flaminko's model is given, kept in one place: types and shapes on every call,
 tensor values (token ids, NaNs, <image> counts) on the prompt only. Each raises a ValueError or
 TypeError naming the problem, where torch would fail deep inside with a shape error or give a silent
-wrong answer. None reads the model's state: what they check against (configs, the size of the input
+wrong answer. None reads the model's state: what they check against (configs, the input
 embeddings, the number of gated blocks) comes as arguments.
 
 Shipped beside the model as remote code: imports only torch, transformers and sibling files.
@@ -246,6 +246,17 @@ def check_context(past_length, length: int, text_config):
         raise ValueError(
             f"{past_length + length} tokens exceed the language model's context of {context}: "
             "shorten the text (the processor's truncation keeps every image with its <image> or says why not)"
+        )
+
+
+def check_image_embedding_is_unique(weight: torch.Tensor, media_token_id: int):
+    """inputs_embeds without input_ids place the images where the <image> row of `weight` (the LM's input
+    embeddings) stands, so no other row may equal it."""
+    if not torch.compiler.is_compiling() and int((weight == weight[media_token_id]).all(-1).sum()) > 1:
+        # from_backbones starts every new token's row at the same mean, until training sets them apart.
+        raise ValueError(
+            "inputs_embeds cannot show where the images go: another token has the embedding of <image> "
+            "(new token rows are equal until trained); pass input_ids"
         )
 
 

@@ -11,7 +11,6 @@ Shipped to the Hub as remote code: imports only torch, transformers and sibling 
 """
 
 import contextvars
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -39,18 +38,19 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 if torch.distributed.is_available():
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-from .checkpoint_mapping_flaminko import (
-    decoder_layers_path,
-    drop_recomputed_buffers,
-    is_open_flamingo_state_dict,
-    place_open_flamingo_checkpoint,
+from .checkpoint_mapping_flaminko import decoder_layers_path, is_open_flamingo_state_dict, load_open_flamingo_state_dict
+from .configuration_flaminko import (
+    CACHE_NAME,
+    FlaminkoConfig,
+    cache_field_named_by_transformers,
+    quantization_config_skipping,
 )
-from .configuration_flaminko import CACHE_NAME, FlaminkoConfig
 from .input_checks_flaminko import (
     check_clip_vision_tower,
     check_context,
     check_frame_count,
     check_image_batch,
+    check_image_embedding_is_unique,
     check_image_token_count,
     check_local_path,
     check_media_inputs,
@@ -413,20 +413,8 @@ def add_mpt_query_key_layernorm(language_model: PreTrainedModel):
         attention.Wqkv.register_forward_hook(_MptQueryKeyLayerNorm(attention.q_ln, attention.k_ln))
 
 
-def _cache_field_named_by_transformers(output_class):
-    """Renames the class's `cache` field to the installed transformers' name for it (before 5.24:
-    past_key_values), keeping the field order, so that generate finds the cache where it looks."""
-    if CACHE_NAME != "cache":
-        output_class.__annotations__ = {
-            (CACHE_NAME if name == "cache" else name): kind for name, kind in output_class.__annotations__.items()
-        }
-        setattr(output_class, CACHE_NAME, vars(output_class)["cache"])
-        delattr(output_class, "cache")
-    return output_class
-
-
 @dataclass
-@_cache_field_named_by_transformers
+@cache_field_named_by_transformers
 class FlaminkoModelOutputWithPast(ModelOutput):
     """
     last_hidden_state: (B, T, D_text) the LM's final hidden states (after its last norm), before its output layer.
@@ -444,7 +432,7 @@ class FlaminkoModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-@_cache_field_named_by_transformers
+@cache_field_named_by_transformers
 class FlaminkoCausalLMOutputWithPast(ModelOutput):
     """
     image_outputs: get_image_features' output for the call's pixel_values (None when none were given).
@@ -605,31 +593,13 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         check_local_path(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = cls._skip_precise_modules(kwargs["quantization_config"])
+            kwargs["quantization_config"] = quantization_config_skipping(kwargs["quantization_config"], cls._modules_not_to_quantize)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # With output_loading_info=True: (model, loading_info).
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading materialises fresh parameters, which forget requires_grad.
         model.apply_freezing()
         return loaded
-
-    @classmethod
-    def _skip_precise_modules(cls, quantization_config):
-        """quantization_config (a config or its dict) leaving `_modules_not_to_quantize` unquantized,
-        unless it names its own modules to skip (bitsandbytes: llm_int8_skip_modules; the others:
-        modules_to_not_convert). The caller's object is left unchanged."""
-        is_dict = isinstance(quantization_config, dict)
-        method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
-        field = "llm_int8_skip_modules" if method == "bitsandbytes" else "modules_to_not_convert"
-        if is_dict:
-            if quantization_config.get(field) is not None:
-                return quantization_config
-            return {**quantization_config, field: list(cls._modules_not_to_quantize)}
-        if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
-            return quantization_config
-        quantization_config = copy.deepcopy(quantization_config)
-        setattr(quantization_config, field, list(cls._modules_not_to_quantize))
-        return quantization_config
 
     def apply_freezing(self):
         """Set requires_grad from the config (OpenFlamingo's default: only the resampler, the
@@ -741,14 +711,8 @@ class FlaminkoModel(FlaminkoPreTrainedModel):
         if input_ids is not None:
             return input_ids == media_id
         weight = self.get_input_embeddings().weight
-        image_embedding = weight[media_id]
-        if not torch.compiler.is_compiling() and int((weight == image_embedding).all(-1).sum()) > 1:
-            # from_backbones starts every new token's row at the same mean, until training sets them apart.
-            raise ValueError(
-                "inputs_embeds cannot show where the images go: another token has the embedding of <image> "
-                "(new token rows are equal until trained); pass input_ids"
-            )
-        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+        check_image_embedding_is_unique(weight, media_id)
+        return (inputs_embeds == weight[media_id].to(inputs_embeds.dtype)).all(-1)
 
     @can_return_tuple
     def forward(
@@ -967,11 +931,7 @@ class FlaminkoForConditionalGeneration(FlaminkoModel, GenerationMixin):
         The buffers a transformers 4.x checkpoint carries are checked against what the model
         computes and left out, as `flaminko convert` does."""
         if is_open_flamingo_state_dict(state_dict):
-            state_dict, _ = drop_recomputed_buffers(state_dict, self)
-            # New tokens were added after the LM's vocabulary, <|endofchunk|> first.
-            place_open_flamingo_checkpoint(
-                self, state_dict, original_vocab_size=self.config.eoc_token_id, init_missing_token_rows=True
-            )
+            load_open_flamingo_state_dict(self, state_dict)
             return nn.modules.module._IncompatibleKeys([], [])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
