@@ -83,6 +83,11 @@ class Admission:
             self._held += 1
         return Ticket(self, seed)
 
+    @property
+    def held(self) -> int:
+        """Requests in the server: being prepared, queued or running."""
+        return self._held
+
     def waiting(self) -> int:
         with self._lock:
             return max(self._held - self._running(), 0)

@@ -150,6 +150,8 @@ def build_app(
     handler = ChatCompletionHandler(model_manager=None, generation_state=stack.utils.GenerationState())
     created = int(time.time())
     app = FastAPI()
+    if stack.disconnect_middleware is not None:
+        app.add_middleware(stack.disconnect_middleware)
     app.state.generation_manager = manager
     app.state.admission = admission
 
