@@ -121,7 +121,7 @@ class Stream:
 
 def metric(url: str, name: str) -> float:
     text = httpx.get(url.removesuffix("/v1") + "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, flags=re.M)[1])
+    return float(re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE)[1])
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def small_server(folder):
 
 
 def test_a_short_request_sent_while_a_long_one_runs_ends_long_before_it(small_server, served, longs):
-    app, url = small_server
+    _, url = small_server
     long_case = longs[0]
     client = client_of(url)
     long = Stream(client, long_case, LONG)
@@ -206,9 +206,9 @@ def test_a_short_request_sent_while_a_long_one_runs_ends_long_before_it(small_se
 def test_a_seeded_sampled_answer_is_the_same_alone_and_in_a_full_batch(small_server, served, longs):
     """Alone, and again beside a long greedy request with other settings that runs on after it: the
     static server ran a seeded request only alone, after the running batch."""
-    app, url = small_server
+    _, url = small_server
     client = client_of(url)
-    sampled = dict(temperature=1.0, seed=1234)
+    sampled = {"temperature": 1.0, "seed": 1234}
     alone = ask(client, 7, 12, **sampled)
     long = Stream(client, longs[1], LONG)
     assert long.started.wait(300)
@@ -279,7 +279,7 @@ def test_a_burst_far_beyond_the_room_gets_429s_and_correct_answers_within_bounde
 
 
 def test_metrics_are_prometheus_text(small_server):
-    app, url = small_server
+    _, url = small_server
     client = client_of(url)
     before = metric(url, "flaminko_request_latency_seconds_count")
     ask(client, 11, SHORT, temperature=0)
@@ -295,15 +295,15 @@ def test_metrics_are_prometheus_text(small_server):
     ):
         assert f"# TYPE {name} {kind}" in text
     assert metric(url, "flaminko_request_latency_seconds_count") == before + 1
-    buckets = [float(count) for count in re.findall(r'^flaminko_time_to_first_token_seconds_bucket\{le="[^"]+"\} (\S+)$', text, flags=re.M)]
+    buckets = [float(count) for count in re.findall(r'^flaminko_time_to_first_token_seconds_bucket\{le="[^"]+"\} (\S+)$', text, flags=re.MULTILINE)]
     assert buckets == sorted(buckets) and buckets[-1] == metric(url, "flaminko_time_to_first_token_seconds_count")
     # Every sample line is `name value` or `name{labels} value`, with a number for the value.
     for line in text.splitlines():
         assert line.startswith("# ") or re.fullmatch(r'[a-z_]+(\{le="[^"]+"\})? [0-9.e+-]+', line), line
 
 
-def test_a_prompt_and_answer_beyond_a_row_are_refused_and_an_unbounded_answer_gets_the_room_left(small_server, served):
-    app, url = small_server
+def test_a_prompt_and_answer_beyond_a_row_are_refused_and_an_unbounded_answer_gets_the_room_left(small_server):
+    _, url = small_server
     messages, _ = conversation(1)
     response = httpx.post(f"{url}/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": LONG + 64}, timeout=600)
     assert response.status_code == 400
@@ -321,10 +321,11 @@ def test_a_language_model_continuous_batching_refuses_is_served_by_micro_batchin
     folder = save(*build_model(backbones, "mpt"), tmp_path / "mpt")
     with caplog.at_level(logging.WARNING, logger="flaminko.serving.app"):
         app = build_app(str(folder), served_model_name=NAME, device="cpu")
-    assert [record.getMessage() for record in caplog.records if "micro-batching" in record.getMessage()] == [
+    refusal = (
         "flaminko serve: micro-batching instead of continuous batching: continuous batching needs a language model "
         "that decodes from a static cache, which MptForCausalLM does not"
-    ]
+    )
+    assert [record.getMessage() for record in caplog.records if "micro-batching" in record.getMessage()] == [refusal]
     with BackgroundServer(app) as url:
         client = client_of(url)
         with ThreadPoolExecutor(3) as pool:
