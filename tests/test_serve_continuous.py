@@ -5,7 +5,8 @@ runs ends long before it; a seeded sampled answer is the same alone as in a full
 that leaves frees its row for a waiting request; a burst far beyond the server's room gets 429s
 in OpenAI's shape with Retry-After and correct answers for the rest, the server holding no more than
 its room; `/metrics` speaks Prometheus' text format; language models continuous batching refuses
-(MPT) are served by micro-batching, said in one log line.
+(MPT) are served by micro-batching, said in one log line; a decoding step that fails ends the requests
+it held in its error, and the server goes on.
 
 Each test but the last fails on the static micro-batching server this replaced: it batched only
 requests with equal settings and ran a batch until its last row ended, and had neither 429s nor
@@ -313,6 +314,27 @@ def test_a_prompt_and_answer_beyond_a_row_are_refused_and_an_unbounded_answer_ge
     assert response.status_code == 200
     usage = response.json()["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] <= LONG + 64
+
+
+def test_a_step_that_fails_ends_the_open_requests_in_its_error_and_the_server_goes_on(folder, served, monkeypatch):
+    from flaminko.serving.continuous import ContinuousBatcher
+
+    app = build_app(str(folder), served_model_name=NAME, device="cpu", max_batch_size=2)
+    decode = ContinuousBatcher._decode
+    failures = iter([RuntimeError("the device fell over")])
+
+    def fails_once(self):
+        for error in failures:
+            raise error
+        return decode(self)
+
+    monkeypatch.setattr(ContinuousBatcher, "_decode", fails_once)
+    with BackgroundServer(app) as url:
+        messages, _ = conversation(2)
+        response = httpx.post(f"{url}/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": 6}, timeout=600)
+        assert response.status_code == 500 and "the device fell over" in response.json()["error"]["message"]
+        assert ask(client_of(url), 2, 6, temperature=0) == reference(served, 2, 6, do_sample=False)
+        assert app.state.admission.held == 0
 
 
 def test_a_language_model_continuous_batching_refuses_is_served_by_micro_batching(backbones, tmp_path, caplog):

@@ -122,14 +122,14 @@ def batching_classes(stream_error):
             whole = self._tokenizer.decode(token_ids, skip_special_tokens=True)
             if not self.stopped and whole.startswith(self._received) and len(whole) > len(self._received):
                 self._send(whole[len(self._received) :])
+            self._ticket.close()  # before the end reaches the client, who may count on its place being free
             self.end()
-            self._ticket.close()
 
         def fail(self, message: str) -> None:
             """Ends the stream with an error (generation failed)."""
+            self._ticket.close()
             self._enqueue(stream_error(message))
             self._enqueue(None)
-            self._ticket.close()
 
         def _enqueue(self, item) -> None:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)

@@ -20,7 +20,7 @@ from .continuous import Answer, ContinuousBatcher, Request
 class _Open:
     """A submitted request whose stream has not ended."""
 
-    answer: Answer
+    answer: Answer | None  # None until the batcher has it
     streamer: object
     tokens: list = field(default_factory=list)  # the answer's token ids, its EOS left out
 
