@@ -1,22 +1,28 @@
-"""`flaminko serve` under load: requests/s and time to first token at 1 and 8 concurrent clients.
+"""`flaminko serve` under load: requests/s, time to first token and latency at 1, 8 and 32 concurrent
+clients, short and long answers mixed.
 
     python benchmarks/serve.py --out benchmarks/results/serve.json
-    python benchmarks/serve.py --layers 2 --rounds 1 --requests 1    # a quick check that it runs
+    python benchmarks/serve.py --layers 2 --rounds 1 --requests 1 --long-tokens 16    # a quick check that it runs
 
 Builds a Flaminko model of compare.py's shape (random weights, gates open, nothing downloaded),
-serves it twice in this process on loopback -- batching (up to 8 requests in one generate batch)
-and sequential (--max-batch-size 1: one request at a time, as transformers serve runs them) --
-and has N clients (threads with the official `openai` client) each stream R chat completions of one
-image and a short prompt, greedy, a fixed number of new tokens. Alternates the two servers and the
-client counts in every round and reports medians: requests/s (requests / wall time) and the median
-time to first token (request sent -> first content chunk). The servers run in this process, so
-benchmarks/machine.py's OtherLoad counts only other processes' CPU time beside each figure.
+serves it three times in this process on loopback -- continuous (continuous batching, up to
+--max-batch-size rows), micro-batching (the former scheduler: queued requests with the same settings
+in one generate batch of up to --max-batch-size rows, run until its last row ends) and one-at-a-time
+(micro-batching of one row: one request at a time, as transformers serve runs them) -- and has N
+clients (threads with the official `openai` client) each stream R chat completions of one image and a
+short prompt, greedy, alternately --short-tokens and --long-tokens new tokens at most. Alternates the
+servers and the client counts in every round and reports medians over rounds: requests/s (requests /
+wall time), and p50 and p95 of time to first token (request sent -> first content chunk) and of
+latency (request sent -> last chunk). The servers run in this process, so benchmarks/machine.py's
+OtherLoad counts only other processes' CPU time beside each figure.
 """
 
 import argparse
 import base64
+import contextlib
 import io
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -33,8 +39,8 @@ from machine import OtherLoad
 from flaminko import FlaminkoForConditionalGeneration, register_auto_classes, tiny
 from flaminko.serving import BackgroundServer, build_app
 
-CLIENTS = (1, 8)
-SERVERS = {"batching": 8, "sequential": 1}
+CLIENTS = (1, 8, 32)
+SERVERS = ("continuous", "micro-batching", "one-at-a-time")
 
 
 def build(shape: str, layers: int | None, folder: Path) -> Path:
@@ -63,8 +69,8 @@ def image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def one_request(client, index: int, new_tokens: int) -> float:
-    """Streams one answer; returns the seconds to its first content chunk."""
+def one_request(client, index: int, new_tokens: int) -> tuple[float, float]:
+    """Streams one answer; returns the seconds to its first content chunk and to its end."""
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(index)}}, {"type": "text", "text": f"사진 {index}:"}]}]
     start = time.perf_counter()
     first = None
@@ -72,22 +78,37 @@ def one_request(client, index: int, new_tokens: int) -> float:
     for chunk in stream:
         if first is None and chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
             first = time.perf_counter() - start
-    return first
+    return first, time.perf_counter() - start
 
 
-def measure(url: str, clients: int, requests_per_client: int, new_tokens: int) -> dict:
-    """A fresh client (connection pool) per measurement: connections left idle while the other server
-    was measured are past uvicorn's keep-alive timeout, and reusing one as the server closes it
-    resets it (no retries here, so that a failure shows)."""
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(share * len(ordered)), 1) - 1]
+
+
+def measure(url: str, clients: int, requests_per_client: int, lengths: tuple[int, int]) -> dict:
+    """Request i asks for lengths[i % 2] new tokens at most. A fresh client (connection pool) per
+    measurement: connections left idle while another server was measured are past uvicorn's keep-alive
+    timeout, and reusing one as the server closes it resets it (no retries here, so that a failure shows)."""
     import openai
 
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
     total = clients * requests_per_client
     with OtherLoad() as load, ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        firsts = list(pool.map(lambda index: one_request(client, index, new_tokens), range(total)))
+        timings = list(pool.map(lambda index: one_request(client, index, lengths[index % 2]), range(total)))
         seconds = time.perf_counter() - start
-    return {"requests_per_second": total / seconds, "ttft_seconds": statistics.median(firsts), "load": load.describe(), "noisy": load.noisy}
+    firsts, latencies = [first for first, _ in timings], [latency for _, latency in timings]
+    return {
+        "requests_per_second": total / seconds,
+        "ttft_p50": percentile(firsts, 0.5),
+        "ttft_p95": percentile(firsts, 0.95),
+        "latency_p50": percentile(latencies, 0.5),
+        "latency_p95": percentile(latencies, 0.95),
+        "load": load.describe(),
+        "noisy": load.noisy,
+    }
 
 
 def main():
@@ -96,26 +117,36 @@ def main():
     parser.add_argument("--layers", type=int, help="fewer layers (vision and LM) than the shape has")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in a measurement")
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--short-tokens", type=int, default=4, help="most new tokens of the even requests")
+    parser.add_argument("--long-tokens", type=int, default=256, help="most new tokens of the odd requests")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="rows of continuous batching and of micro-batching")
     parser.add_argument("--out", help="JSON results file (e.g. benchmarks/results/serve.json)")
     args = parser.parse_args()
     import openai
 
     with tempfile.TemporaryDirectory() as work:
         folder = build(args.shape, args.layers, Path(work))
-        apps = {name: build_app(str(folder), served_model_name="bench", device="cpu", max_batch_size=size) for name, size in SERVERS.items()}
+        lengths = (args.short_tokens, args.long_tokens)
+        # The queue holds every client's request: the comparison is of scheduling, not of admission.
+        common = dict(served_model_name="bench", device="cpu", max_total_tokens=args.long_tokens + 128, max_queue=max(CLIENTS))
+        settings_of = {
+            "continuous": dict(scheduler="continuous", max_batch_size=args.max_batch_size),
+            "micro-batching": dict(scheduler="micro-batching", max_batch_size=args.max_batch_size),
+            "one-at-a-time": dict(scheduler="micro-batching", max_batch_size=1),
+        }
         samples = {(name, clients): [] for name in SERVERS for clients in CLIENTS}
-        with BackgroundServer(apps["batching"]) as batching_url, BackgroundServer(apps["sequential"]) as sequential_url:
-            urls = {"batching": batching_url, "sequential": sequential_url}
+        with contextlib.ExitStack() as servers:
+            urls = {name: servers.enter_context(BackgroundServer(build_app(str(folder), **common, **settings_of[name]))) for name in SERVERS}
             for name in SERVERS:  # warm-up: first-call allocations out of the timings
                 one_request(openai.OpenAI(base_url=urls[name], api_key="none", max_retries=0), 0, 2)
             for round_index in range(args.rounds):
                 order = list(SERVERS) if round_index % 2 == 0 else list(reversed(SERVERS))
                 for clients in CLIENTS:
                     for name in order:
-                        sample = measure(urls[name], clients, args.requests, args.new_tokens)
+                        sample = measure(urls[name], clients, args.requests, lengths)
                         samples[name, clients].append(sample)
                         print(json.dumps({"round": round_index, "server": name, "clients": clients, **sample}), flush=True)
+    figures = ("requests_per_second", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95")
     rows = []
     for (name, clients), runs in samples.items():
         quiet = [run for run in runs if not run["noisy"]] or runs
@@ -123,21 +154,32 @@ def main():
             {
                 "server": name,
                 "clients": clients,
-                "requests_per_second": statistics.median(run["requests_per_second"] for run in quiet),
-                "ttft_seconds": statistics.median(run["ttft_seconds"] for run in quiet),
+                **{figure: statistics.median(run[figure] for run in quiet) for figure in figures},
                 "samples": len(runs),
                 "noisy_samples": sum(run["noisy"] for run in runs),
                 "loads": [run["load"] for run in runs],
             }
         )
-    header = "| server | clients | requests/s | time to first token (s) | samples (noisy) | other load per sample |\n|---|---|---|---|---|---|"
+    header = (
+        "| server | clients | requests/s | first token p50 (s) | first token p95 (s) | latency p50 (s) | latency p95 (s) | samples (noisy) | other load per sample |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [
-        f"| {row['server']} | {row['clients']} | {row['requests_per_second']:.2f} | {row['ttft_seconds']:.2f} | "
-        f"{row['samples']} ({row['noisy_samples']}) | {'; '.join(row['loads'])} |"
+        f"| {row['server']} | {row['clients']} | " + " | ".join(f"{row[figure]:.2f}" for figure in figures)
+        + f" | {row['samples']} ({row['noisy_samples']}) | {'; '.join(row['loads'])} |"
         for row in rows
     ]
     table = "\n".join([header, *lines])
-    settings = {"shape": args.shape, "layers": args.layers, "rounds": args.rounds, "requests_per_client": args.requests, "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
+    settings = {
+        "shape": args.shape,
+        "layers": args.layers,
+        "rounds": args.rounds,
+        "requests_per_client": args.requests,
+        "short_tokens": args.short_tokens,
+        "long_tokens": args.long_tokens,
+        "max_batch_size": args.max_batch_size,
+        "threads": torch.get_num_threads(),
+    }
     print(f"\n{settings}\nMedians over the quiet samples (all samples where none was quiet).\n{table}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

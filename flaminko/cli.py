@@ -251,10 +251,17 @@ def _chat(args):
 
 
 def _add_serve(commands):
-    from .serving import DEFAULT_BATCH_WINDOW_MS, DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_IMAGE_MB
+    from .serving import (
+        DEFAULT_FETCH_TIMEOUT_S,
+        DEFAULT_MAX_BATCH_SIZE,
+        DEFAULT_MAX_IMAGE_MB,
+        DEFAULT_MAX_IMAGES,
+        DEFAULT_MAX_QUEUE,
+        DEFAULT_MAX_TOTAL_TOKENS,
+    )
 
     serve = commands.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models) on transformers' serving stack"
+        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /metrics), continuous batching with images"
     )
     serve.add_argument("model", metavar="MODEL", help="a Flaminko folder or Hub id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
@@ -264,13 +271,25 @@ def _add_serve(commands):
         help="the name clients give as `model` (default: MODEL as given; MODEL itself is always accepted)",
     )
     _add_device_options(serve)
-    serve.add_argument(
-        "--max-batch-size", "--max_batch_size", dest="max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
-        help="most queued requests answered in one generate batch (default: %(default)s)",
+    batch = serve.add_argument_group(
+        "the running batch (continuous batching: a request joins at the next step and leaves as it ends)"
     )
-    serve.add_argument(
-        "--batch-window-ms", "--batch_window_ms", dest="batch_window_ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
-        help="how long an idle server waits for more requests to join the first one's batch (default: %(default)s)",
+    batch.add_argument(
+        "--max-batch-size", "--max_batch_size", dest="max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+        help="requests decoded together, each in a preallocated row of the cache (default: %(default)s)",
+    )
+    batch.add_argument(
+        "--max-total-tokens", "--max_total_tokens", dest="max_total_tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS,
+        help="cache columns a row holds: a request's prompt and answer together (default: %(default)s); "
+        "a request without max_tokens gets the room its prompt leaves",
+    )
+    batch.add_argument(
+        "--max-images", "--max_images", dest="max_images", type=int, default=DEFAULT_MAX_IMAGES,
+        help="images a request may have (default: %(default)s)",
+    )
+    batch.add_argument(
+        "--max-queue", "--max_queue", dest="max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+        help="requests admitted to wait for a row; beyond them a request gets 429 with Retry-After (default: %(default)s)",
     )
     images = serve.add_argument_group("request images (data URLs are always accepted)")
     images.add_argument(
@@ -315,7 +334,9 @@ def _serve(args):
         device=args.device,
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,
-        batch_window_ms=args.batch_window_ms,
+        max_total_tokens=args.max_total_tokens,
+        max_images=args.max_images,
+        max_queue=args.max_queue,
         images=images,
     )
 

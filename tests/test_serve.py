@@ -53,7 +53,7 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder, image_folder):
-    app = build_app(str(folder), served_model_name=NAME, device="cpu", batch_window_ms=100, images=ImageSources(local_files=image_folder))
+    app = build_app(str(folder), served_model_name=NAME, device="cpu", images=ImageSources(local_files=image_folder))
     with BackgroundServer(app) as url:
         yield app, openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
 
@@ -172,15 +172,28 @@ def test_stop_and_max_tokens(client):
 
 
 def test_concurrent_streams_are_batched_and_answer_as_alone(server):
+    import threading
+
     app, client = server
     conversations = [[user(image_part(data_url(noise_image(10 + index))), f"{index}번")] for index in range(8)]
     alone = [streamed(client, messages)[0] for messages in conversations]
-    sizes = app.state.generation_manager.batch_sizes
-    before = len(sizes)
-    with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda messages: streamed(client, messages)[0], conversations))
+    running, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            running.append(app.state.generation_manager.running)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda messages: streamed(client, messages)[0], conversations))
+    finally:
+        done.set()
+        watcher.join()
     assert together == alone
-    assert max(sizes[before:]) > 1, sizes[before:]
+    assert max(running) > 1
     assert len(set(alone)) > 1  # the requests differ, so a mixed-up answer would show
 
 
@@ -274,7 +287,9 @@ def test_cli_serves_until_interrupted(folder, tmp_path):
     "arguments, message",
     [
         (["FOLDER", "--port", "70000"], "--port must be in 0..65535, got 70000"),
-        (["FOLDER", "--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
+        (["FOLDER", "--max-batch-size", "0"], "--max-batch-size must be an integer of at least 1, got 0"),
+        (["FOLDER", "--max-total-tokens", "1"], "--max-total-tokens must be an integer of at least 2, got 1"),
+        (["FOLDER", "--max-queue", "-1"], "--max-queue must be an integer of at least 0, got -1"),
         (["runs/ko/final"], "MODEL runs/ko/final: no such folder, and not a Hub model id (ORG/NAME either)"),
         (["FOLDER", "--allow-local-files", "/no/such/folder"], "--allow-local-files /no/such/folder: no such folder"),
         (["FOLDER", "--fetch-timeout", "0"], "--fetch-timeout must be more than 0 seconds, got 0.0"),

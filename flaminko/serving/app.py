@@ -3,13 +3,24 @@ boundary, before it is queued, and the server's start."""
 
 import asyncio
 import functools
+import logging
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE, REQUEST_SEED, GenerationFailed, batching_classes
+from .admission import Admission, Overloaded
+from .batching import REQUEST_TICKET, GenerationFailed, batching_classes
 from .images import ImageRefused, ImageSources
+from .metrics import CONTENT_TYPE
+
+# The running batch: rows, cache columns a row holds (its prompt and answer), images a row may have.
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_TOTAL_TOKENS = 1024
+DEFAULT_MAX_IMAGES = 8
+# Requests admitted beyond the running batch, waiting for a row (their images being prepared, or queued).
+DEFAULT_MAX_QUEUE = 64
+SCHEDULERS = ("continuous", "micro-batching")
 
 ROLES = ("system", "user", "assistant")
 # Threads that fetch and decode requests' images and make their prompts. asyncio's default pool has
@@ -18,14 +29,18 @@ PREPARING_THREADS = 32
 
 
 class RequestError(Exception):
-    """A bad request, answered in OpenAI's error shape."""
+    """A request refused, answered in OpenAI's error shape (with `headers`, if any)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 429:
+            kind = "rate_limit_exceeded"
+        else:
+            kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -36,38 +51,53 @@ def build_app(
     device: str | None = None,
     dtype: str = "auto",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    scheduler: str = "continuous",
     images: ImageSources | None = None,
     log_level: str = "warning",
 ):
     """The app serving a Flaminko folder or Hub id (loaded now, kept loaded); `images` says where
-    request images may come from (default: data URLs and public http(s) URLs)."""
-    from transformers.utils import logging
+    request images may come from (default: data URLs and public http(s) URLs).
+
+    The running batch holds up to `max_batch_size` requests of up to `max_total_tokens` tokens (prompt
+    and answer) and `max_images` images each; `max_queue` more wait for a row, and beyond them a request
+    gets 429. `scheduler`: "continuous" (continuous batching; language models it refuses, such as MPT,
+    fall back to micro-batching, said in one log line) or "micro-batching" (queued requests with the
+    same settings share one generate batch, which runs until its last row ends: for comparisons)."""
+    from transformers.utils import logging as transformers_logging
 
     from ..hub import check_model_source
     from ..inference import load
     from .stack import TransformersServing
 
-    if max_batch_size < 1:
-        raise ValueError(f"--max-batch-size must be at least 1, got {max_batch_size}")
-    if batch_window_ms < 0:
-        raise ValueError(f"--batch-window-ms must be at least 0, got {batch_window_ms}")
+    for option, value, least in (
+        ("--max-batch-size", max_batch_size, 1),
+        ("--max-total-tokens", max_total_tokens, 2),
+        ("--max-images", max_images, 0),
+        ("--max-queue", max_queue, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     images = images or ImageSources()
     check_model_source(model, option="MODEL")
     stack = TransformersServing()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
     # transformers' serving modules log every request as a warning: they speak at info and below.
     serving_level = log_level if log_level in ("debug", "info") else "error"
-    logging.get_logger("transformers.cli.serving").setLevel(logging.log_levels[serving_level])
+    transformers_logging.get_logger("transformers.cli.serving").setLevel(transformers_logging.log_levels[serving_level])
     served_name = served_model_name or model
     loaded, processor = load(model, device=device, dtype=dtype)
     processor_lock = threading.Lock()  # one tokenizer, shared by the requests' threads
-    _, manager_class = batching_classes(stack.stream_error)
-    manager = manager_class(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+    manager = generation_manager(loaded, stack, scheduler, max_batch_size, max_total_tokens, max_images)
+    admission = Admission(max_batch_size=max_batch_size, max_queue=max_queue, running=lambda: manager.running)
     preparing = ThreadPoolExecutor(PREPARING_THREADS, thread_name_prefix="flaminko-prepare")
 
     def prepare(messages):
@@ -102,15 +132,28 @@ def build_app(
             check_settings(body)
             seed = check_seed(body.pop("seed", None))
             messages = check_messages(body.get("messages"))
-            inputs = await asyncio.get_running_loop().run_in_executor(preparing, prepare, messages)
-            config = stack.generation_config(self, body, loaded.generation_config, functools.partial(sampling, body))
-            REQUEST_SEED.set(seed)
-            return await stack.respond(self, request_id, body, loaded, processor, served_name, inputs, config, manager)
+            check_image_count(messages, max_images)
+            try:
+                ticket = admission.admit(seed)
+            except Overloaded as error:
+                raise RequestError(429, str(error), code="rate_limit_exceeded", headers={"Retry-After": str(error.retry_after)}) from None
+            try:
+                inputs = await asyncio.get_running_loop().run_in_executor(preparing, prepare, messages)
+                config = stack.generation_config(self, body, loaded.generation_config, functools.partial(sampling, body))
+                fit_to_row(body, inputs["input_ids"].shape[-1], config, max_total_tokens)
+                REQUEST_TICKET.set(ticket)
+                return await stack.respond(self, request_id, body, loaded, processor, served_name, inputs, config, manager)
+            finally:
+                if not ticket.taken:  # refused before a generation manager took it
+                    ticket.drop()
 
     handler = ChatCompletionHandler(model_manager=None, generation_state=stack.utils.GenerationState())
     created = int(time.time())
     app = FastAPI()
+    if stack.disconnect_middleware is not None:
+        app.add_middleware(stack.disconnect_middleware)
     app.state.generation_manager = manager
+    app.state.admission = admission
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: dict):
@@ -125,9 +168,13 @@ def build_app(
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(admission.metrics.render(), media_type=CONTENT_TYPE)
+
     @app.exception_handler(RequestError)
     async def request_error(request, error: RequestError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(GenerationFailed)
     async def generation_failed(request, error: GenerationFailed):
@@ -143,6 +190,50 @@ def build_app(
         return JSONResponse(RequestError(400, message).body(), status_code=400)
 
     return app
+
+
+def generation_manager(model, stack, scheduler: str, max_batch_size: int, max_total_tokens: int, max_images: int):
+    """The scheduler's generation manager for the loaded model."""
+    from .continuous import ContinuousBatcher
+    from .scheduler import ContinuousGenerateManager
+
+    streamer_class, micro_batching_class = batching_classes(stack.stream_error)
+    if scheduler == "continuous":
+
+        def new_batcher():
+            return ContinuousBatcher(model=model, slots=max_batch_size, columns=max_total_tokens, max_images=max_images)
+
+        try:
+            new_batcher()
+        except ValueError as refused:
+            logging.getLogger(__name__).warning("flaminko serve: micro-batching instead of continuous batching: %s", refused)
+        else:
+            return ContinuousGenerateManager(new_batcher, streamer_class, stack.stream_error)
+    return micro_batching_class(max_batch_size=max_batch_size)
+
+
+def check_image_count(messages: list[dict], max_images: int) -> None:
+    count = sum(part["type"] == "image" for message in messages for part in message["content"])
+    if count > max_images:
+        raise RequestError(
+            400, f"the conversation has {count} images; this server takes at most {max_images} (--max-images)", param="messages"
+        )
+
+
+def fit_to_row(body: dict, prompt_tokens: int, config, max_total_tokens: int) -> None:
+    """The prompt and its answer must fit in a row of the running batch (`max_total_tokens`): a request
+    that sets max_tokens beyond that is refused, one that does not is given the room left."""
+    room = max_total_tokens - prompt_tokens
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    if room < 1 or (asked is not None and asked > room):
+        wanted = f"{prompt_tokens} prompt tokens" + ("" if asked is None else f" and max_tokens={asked}")
+        raise RequestError(
+            400,
+            f"{wanted} exceed the {max_total_tokens} tokens a request may have here (--max-total-tokens)",
+            param="messages" if room < 1 else "max_tokens",
+            code="context_length_exceeded",
+        )
+    config.max_new_tokens = room if config.max_new_tokens is None else min(config.max_new_tokens, room)
 
 
 def sampling(body: dict, do_sample: bool) -> dict:

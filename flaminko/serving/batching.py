@@ -1,7 +1,15 @@
-"""The generation side of flaminko serve: one worker thread collects the queued requests and answers
-those with the same generation settings in one left-padded `generate` batch (a sample's tokens do not
-depend on its batch), streaming each row to its own client; `stop` ends a row and is cut from its
-text; `seed` seeds a request alone, so a seeded sampled answer is the same under any load."""
+"""The streaming side of flaminko serve, and its micro-batching scheduler.
+
+`RowStreamer` is one request's stream whichever scheduler runs it: its tokens decoded incrementally,
+`stop` cut from its text, and its admission ticket told of every token and of the end.
+
+`MicroBatchingManager` is the scheduler for the language models continuous batching refuses (those
+that place positions by cache column, as MPT's ALiBi does: `ContinuousBatcher` needs a static cache
+whose rows keep their own positions). One worker thread collects the queued requests and answers those
+with the same generation settings in one left-padded `generate` batch (a sample's tokens do not depend
+on its batch), streaming each row to its own client; the batch runs until its last row ends. A seeded
+sampled request runs alone, so its answer is the same under any load.
+"""
 
 import asyncio
 import contextvars
@@ -11,12 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-DEFAULT_MAX_BATCH_SIZE = 8
-# How long the worker waits for more requests to join the first one of a batch.
-DEFAULT_BATCH_WINDOW_MS = 10
+# How long the micro-batching worker waits for more requests to join the first one of a batch.
+BATCH_WINDOW_S = 0.01
 
-# The request's `seed`, from the handler to the generation manager (both run in the request's task).
-REQUEST_SEED: contextvars.ContextVar = contextvars.ContextVar("flaminko_request_seed", default=None)
+# The request's admission ticket (its seed, its timing), from the handler to the generation manager
+# (both run in the request's task).
+REQUEST_TICKET: contextvars.ContextVar = contextvars.ContextVar("flaminko_request_ticket")
 
 
 class GenerationFailed(Exception):
@@ -57,19 +65,21 @@ class _RowCancelled(Exception):
 
 
 def batching_classes(stream_error):
-    """The per-request streamer and the batching generation manager (`stream_error`: the item that ends
-    a stream with an error in transformers' chat-completion handler, as the adapter gives it)."""
+    """The per-request streamer and the micro-batching generation manager (`stream_error`: the item that
+    ends a stream with an error in transformers' chat-completion handler, as the adapter gives it)."""
 
     class RowStreamer:
         """One request's stream, as transformers' handler reads it (a queue of text ending in None, and
         `total_tokens`, `cancel`): its tokens decoded incrementally (the Rust tokenizer's DecodeStream)
         and queued on the event loop, the text cut at the first `stop` string: text that could begin a
-        stop string is held back until it is known not to."""
+        stop string is held back until it is known not to. `on_cancel` is called when the handler
+        cancels it (its client has gone); the request's `ticket` is closed at the stream's end."""
 
-        def __init__(self, tokenizer, loop, text_queue, stop=None):
+        def __init__(self, tokenizer, loop, text_queue, ticket, stop=None, on_cancel=None):
             from tokenizers.decoders import DecodeStream
 
             self._tokenizer, self._loop, self._queue = tokenizer, loop, text_queue
+            self._ticket, self._on_cancel = ticket, on_cancel
             self._decode_stream = DecodeStream([], skip_special_tokens=True)
             self._cancelled = threading.Event()
             self._prompt = True
@@ -87,14 +97,21 @@ def batching_classes(stream_error):
                 self._prompt = False
                 return
             for token_id in value.tolist():
-                self.total_tokens += 1
-                text = self._decode_stream.step(self._tokenizer, token_id)
-                if text is not None:
-                    self._send(text)
+                self.add(token_id)
+
+        def add(self, token_id: int) -> None:
+            """One new token of the answer."""
+            self.total_tokens += 1
+            self._ticket.token()
+            text = self._decode_stream.step(self._tokenizer, token_id)
+            if text is not None:
+                self._send(text)
 
         def cancel(self) -> None:
             """The client has gone (or the handler is done with the stream): the row ends at its next token."""
             self._cancelled.set()
+            if self._on_cancel is not None:
+                self._on_cancel()
 
         def end(self) -> None:
             self._send(None)
@@ -105,10 +122,12 @@ def batching_classes(stream_error):
             whole = self._tokenizer.decode(token_ids, skip_special_tokens=True)
             if not self.stopped and whole.startswith(self._received) and len(whole) > len(self._received):
                 self._send(whole[len(self._received) :])
+            self._ticket.close()  # before the end reaches the client, who may count on its place being free
             self.end()
 
         def fail(self, message: str) -> None:
             """Ends the stream with an error (generation failed)."""
+            self._ticket.close()
             self._enqueue(stream_error(message))
             self._enqueue(None)
 
@@ -170,15 +189,14 @@ def batching_classes(stream_error):
             for job in self.jobs:
                 job.streamer.finish(job.tokens)
 
-    class BatchingGenerateManager:
+    class MicroBatchingManager:
         """The generation manager the handler's responses call (on transformers 5.25 through the
         adapter's engine): one worker thread runs queued requests with the same settings in one
         generate batch (up to max_batch_size rows)."""
 
-        def __init__(self, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
+        def __init__(self, max_batch_size: int):
             self.max_batch_size = max_batch_size
-            self.batch_window = batch_window_ms / 1000
-            self.batch_sizes = []  # every batch's size, in order (for tests and benchmarks)
+            self.running = 0  # rows of the generate batch running now
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._run, name="flaminko-generate", daemon=True)
             self._thread.start()
@@ -197,11 +215,13 @@ def batching_classes(stream_error):
             return "".join(parts), inputs["input_ids"].shape[-1], job.tokens
 
         def _submit(self, model, processor, inputs, gen_config):
+            ticket = REQUEST_TICKET.get()
             text_queue = asyncio.Queue()
             tokenizer = getattr(processor, "tokenizer", processor)
-            streamer = RowStreamer(tokenizer._tokenizer, asyncio.get_running_loop(), text_queue, stop=gen_config.stop_strings)
-            job = _Job(model, dict(inputs), gen_config, REQUEST_SEED.get(), streamer, pad_token_id=tokenizer.pad_token_id)
+            streamer = RowStreamer(tokenizer._tokenizer, asyncio.get_running_loop(), text_queue, ticket, stop=gen_config.stop_strings)
+            job = _Job(model, dict(inputs), gen_config, ticket.seed, streamer, pad_token_id=tokenizer.pad_token_id)
             self._queue.put(job)
+            ticket.taken = True
             return text_queue, job
 
         def stop(self) -> None:
@@ -212,7 +232,7 @@ def batching_classes(stream_error):
             while True:
                 if not waiting:
                     waiting.append(self._queue.get())
-                    time.sleep(self.batch_window)
+                    time.sleep(BATCH_WINDOW_S)
                 while True:
                     try:
                         waiting.append(self._queue.get_nowait())
@@ -229,7 +249,7 @@ def batching_classes(stream_error):
             jobs = [job for job in jobs if self._started(job)]
             if not jobs:
                 return
-            self.batch_sizes.append(len(jobs))
+            self.running = len(jobs)
             model, config = jobs[0].model, copy.deepcopy(jobs[0].generation_config)
             config.stop_strings = None  # stop strings are cut per row by RowStreamer
             eos = config.eos_token_id
@@ -244,17 +264,20 @@ def batching_classes(stream_error):
             except Exception as error:  # reported to every client of the batch, the worker goes on
                 for job in jobs:
                     job.streamer.fail(" ".join(str(error).split()))
+            finally:
+                self.running = 0
 
         @staticmethod
         def _started(job) -> bool:
-            """Hands the prompt to the row's streamer; False when its client has already gone."""
+            """Hands the prompt to the row's streamer; False (its stream ended) when its client has already gone."""
             try:
                 job.streamer.put(job.inputs["input_ids"])
             except _RowCancelled:
+                job.streamer.finish([])
                 return False
             return True
 
-    return RowStreamer, BatchingGenerateManager
+    return RowStreamer, MicroBatchingManager
 
 
 def collate(inputs: list[dict], pad_token_id: int) -> dict:

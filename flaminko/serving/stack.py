@@ -18,6 +18,10 @@ longer does:
   generation manager; and `DirectStreamer` and `BaseGenerateManager` are gone (a `Detokenizer` decodes
   the tokens the engine sends back). Here the handler's two shapes are met once (`generation_config`,
   `respond`); on 5.25 a `FlaminkoEngine` stands for the engine client, over flaminko's own manager.
+  5.25's streamed responses (`EventStream`) no longer watch for a client that leaves (uvicorn speaks
+  ASGI 2.3, and its `send` drops what a gone client would get); its `CancelOnDisconnect` middleware
+  does, by cancelling the request's task, and flaminko serve's app adds it (`disconnect_middleware`):
+  without it a stream whose client left would hold its row to the end.
 A release that removes or renames a piece listed in `used()` ends in one ImportError naming it.
 
 Continuous batching (`continuous`) reaches into transformers in two more places, both here and the same
@@ -46,9 +50,12 @@ ENGINE_RELEASE = Version("5.25")
 def used(engines: bool) -> dict:
     """module of transformers.cli.serving -> {name: methods of it flaminko serve calls}."""
     settings = "_build_generation_kwargs" if engines else "_build_generation_config"
+    utils = {"GenerationState": (), "_StreamError": ()}
+    if engines:
+        utils["CancelOnDisconnect"] = ()
     return {
         "chat_completion": {"ChatCompletionHandler": ("_validate_request", settings, "_streaming", "_non_streaming")},
-        "utils": {"GenerationState": (), "_StreamError": ()},
+        "utils": utils,
     }
 
 
@@ -101,6 +108,8 @@ class TransformersServing:
             ) from error
         self.chat_completion, self.utils = chat_completion, utils
         self.stream_error = utils._StreamError
+        # The ASGI middleware the app needs to notice a client leaving (None: the handler's responses do).
+        self.disconnect_middleware = utils.CancelOnDisconnect if self.engines else None
 
     def generation_config(self, handler, body: dict, model_generation_config, amend):
         """The request's `GenerationConfig`: the handler reads the request's settings on top of the model's
