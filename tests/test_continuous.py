@@ -2,7 +2,8 @@
 images and text-only ones join the running batch at different steps and leave it as they end, and
 each answer equals `model.generate` alone for that request, token for token; a seeded sampled answer
 equals generate's alone under the same seed, in a full batch as alone; a short request that joins
-while a long one runs ends first; a cancelled request frees its slot at the next step."""
+while a long one runs ends first; a cancelled request frees its slot at the next step; requests that
+arrive together share one prefill."""
 
 import threading
 import time
@@ -229,6 +230,35 @@ def test_a_request_that_fails_ends_in_an_error_and_the_others_go_on(model_and_pr
     assert refused.finish_reason == "error" and "<image> tokens" in refused.error and refused.tokens == []
     assert failing.finish_reason == "error" and "the client has gone" in failing.error and len(failing.tokens) == 1
     assert answered.tokens == alone(model, inputs, greedy(4))
+
+
+def test_requests_arriving_together_share_one_prefill_and_a_refused_one_ends_alone(model_and_processor):
+    """Queued requests whose images have one shape are prefilled in one forward (one vision forward for
+    all their images), left-padded, and answer as generate alone; when the model refuses one of them,
+    the others are prefilled one by one and only that one ends in error."""
+    model, processor = model_and_processor
+    one_image = [inputs_of(processor, 3), processor(text="더 긴 글 다음에<image>", images=[noise_image(8)])]
+    vision_batches = []
+    hook = model.vision_model.register_forward_hook(
+        lambda module, args, kwargs, output: vision_batches.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    try:
+        batcher = ContinuousBatcher(model=model, slots=3, columns=64, max_images=3)
+        answers = [batcher.submit(request(inputs, greedy(6))) for inputs in one_image]
+        batcher.run()
+        assert vision_batches == [2]
+        assert [answer.tokens for answer in answers] == [alone(model, inputs, greedy(6)) for inputs in one_image]
+        vision_batches.clear()
+        # Two <image> tokens and one image: the model refuses it (the processor too; the tokenizer alone makes it).
+        two_tokens = processor.tokenizer("<image>하나<|endofchunk|><image>둘", return_tensors="pt")
+        refused = batcher.submit(request({**two_tokens, "pixel_values": one_image[0]["pixel_values"]}, greedy(4)))
+        answered = batcher.submit(request(one_image[1], greedy(4)))
+        batcher.run()
+    finally:
+        hook.remove()
+    assert refused.finish_reason == "error" and "<image> tokens" in refused.error and refused.tokens == []
+    assert answered.tokens == alone(model, one_image[1], greedy(4))
+    assert vision_batches[0] == 2 and len(vision_batches) > 1
 
 
 def test_bad_requests_and_models_are_refused_at_the_boundary(backbones, model_and_processor):

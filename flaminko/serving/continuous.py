@@ -1,7 +1,8 @@
 """Continuous (per-step) batching with images: Flaminko's own scheduler over preallocated cache slots.
 
-A queued request is prefilled alone (the model's forward on its prompt and images, generate's first
-step) and joins the running batch in the same step; every step runs ONE decoding forward over all
+Queued requests are prefilled when slots are free (the model's forward on their prompts and images,
+generate's first step), those whose images have one shape together, in one left-padded forward, and
+join the running batch in the same step; every step runs ONE decoding forward over all
 active rows, and a row leaves as soon as it ends (an EOS or stop token, its token budget, or its
 caller's cancel), its slot going to the next queued request at the next step.
 
@@ -228,7 +229,7 @@ class ContinuousBatcher:
 
     @torch.no_grad()
     def step(self) -> bool:
-        """Cancelled rows leave, queued requests join the free slots (each prefilled alone), and one
+        """Cancelled rows leave, queued requests join the free slots (prefilled together), and one
         decoding forward runs over every active row. Returns whether requests are still running or queued."""
         self._leave([index for index, row in enumerate(self._rows) if row.answer.cancelled], reason="cancelled")
         joined, first_tokens = self._admit()
@@ -259,22 +260,17 @@ class ContinuousBatcher:
                 queued.answer._finish("cancelled")
             else:
                 admitted.append(queued)
-        prefilled = []
-        for queued in admitted:
-            try:
-                prefilled.append((queued, self._prefill(queued.request)))
-            except (ValueError, TypeError) as error:  # the model refused the prompt or its images
-                queued.answer._finish("error", str(error))
+        prefilled = [prefill for group in _same_image_shapes(admitted) for prefill in self._prefill_together(group)]
         if not prefilled:
             return [], []
         if not self._rows:
             self._column = 0
-        longest = max(queued.request.input_ids.shape[1] for queued, _ in prefilled)
+        longest = max(queued.request.input_ids.shape[1] for queued, _, _ in prefilled)
         if max(self._column, longest) >= self.columns:
             self._repack()
         self._column = max(self._column, longest)
         joined, first_tokens = [], []
-        for queued, output in prefilled:
+        for queued, output, index in prefilled:
             row = _Row(
                 request=queued.request,
                 answer=queued.answer,
@@ -286,42 +282,66 @@ class ContinuousBatcher:
                 cached=queued.request.input_ids.shape[1],
                 images=0 if queued.request.pixel_values is None else queued.request.pixel_values.shape[1],
             )
-            first = self._choose(row, output.logits[:, -1].float())
-            self._place(row, output, first)
+            first = self._choose(row, output.logits[index : index + 1, -1].float())
+            self._place(row, output, index, first)
             joined.append(row)
             first_tokens.append(first)
         return joined, first_tokens
 
-    def _prefill(self, request: Request):
-        """The model's forward on the prompt alone, as generate's first step runs it."""
-        input_ids = request.input_ids
+    def _prefill_together(self, group: list[_Queued]) -> list[tuple[_Queued, object, int]]:
+        """Prefills a group of requests with images of one shape in one forward: returns each with the
+        output and its row in it. A group the model refuses is prefilled one by one, so that only the
+        refused request ends in error."""
+        try:
+            output = self._prefill([queued.request for queued in group])
+        except (ValueError, TypeError) as error:  # the model refused a prompt or its images
+            if len(group) == 1:
+                group[0].answer._finish("error", str(error))
+                return []
+            return [prefill for queued in group for prefill in self._prefill_together([queued])]
+        return [(queued, output, index) for index, queued in enumerate(group)]
+
+    def _prefill(self, requests: list[Request]):
+        """The model's forward on the prompts, as generate's first step runs it on a left-padded batch:
+        one vision forward for all their images, one pass over the LM's weights for all their tokens."""
+        longest = max(request.input_ids.shape[1] for request in requests)
+        device = requests[0].input_ids.device
+        input_ids = torch.zeros(len(requests), longest, dtype=torch.long, device=device)
+        attention_mask = torch.zeros_like(input_ids)
+        for index, request in enumerate(requests):
+            length = request.input_ids.shape[1]
+            input_ids[index, longest - length :] = request.input_ids[0]
+            attention_mask[index, longest - length :] = 1
+        pixel_values = None
+        if requests[0].pixel_values is not None:
+            pixel_values = torch.cat([request.pixel_values for request in requests])
         return self.model(
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            position_ids=torch.arange(input_ids.shape[1], device=input_ids.device)[None],
-            pixel_values=request.pixel_values,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            pixel_values=pixel_values,
             use_cache=True,
             logits_to_keep=1,
         )
 
-    def _place(self, row: _Row, output, first_token: torch.Tensor) -> None:
-        """Puts a prefilled row into the next free slot: its keys/values end just before the step's column."""
+    def _place(self, row: _Row, output, index: int, first_token: torch.Tensor) -> None:
+        """Puts row `index` of a prefill into the next free slot: its keys/values end just before the step's column."""
         slot, end = len(self._rows), self._column
-        self._cache.place(slot, getattr(output, CACHE_NAME), end)
+        self._cache.place(slot, getattr(output, CACHE_NAME), index, row.cached, end)
         self._mask[slot] = 0
         self._mask[slot, end - row.cached : end] = 1
         self._positions[slot] = row.cached
-        self._image_counts[slot] = output.image_token_count[0]
+        self._image_counts[slot] = output.image_token_count[index]
         self._next_tokens[slot] = first_token[0]
         if row.images:
             if self._features is None:
                 self._allocate_media(output)
             span = row.images * self.latents
             # Columns beyond the row's own images keep an earlier row's: its media mask never reaches them.
-            self._features[slot, :span] = output.image_features[0]
+            self._features[slot, :span] = output.image_features[index]
             for (keys, values), (new_keys, new_values) in zip(self._media, output.media_key_values):
-                keys[slot, :, :span] = new_keys[0]
-                values[slot, :, :span] = new_values[0]
+                keys[slot, :, :span] = new_keys[index]
+                values[slot, :, :span] = new_values[index]
         self._rows.append(row)
 
     def _allocate_media(self, output) -> None:
@@ -428,6 +448,16 @@ class ContinuousBatcher:
         self._mask[:rows, :kept] = kept_mask
         self._column = kept
         self.repacks += 1
+
+
+def _same_image_shapes(admitted: list[_Queued]) -> list[list[_Queued]]:
+    """The admitted requests grouped by the shape of their images (text-only ones together), in order of
+    arrival: a group's images stack into one vision forward."""
+    groups: dict[tuple | None, list[_Queued]] = {}
+    for queued in admitted:
+        pixel_values = queued.request.pixel_values
+        groups.setdefault(None if pixel_values is None else (tuple(pixel_values.shape[1:]), pixel_values.dtype), []).append(queued)
+    return list(groups.values())
 
 
 def _token_list(token_ids) -> list[int]:

@@ -188,16 +188,15 @@ class SlotCache:
         self.keys: list[torch.Tensor] | None = None
         self.values: list[torch.Tensor] | None = None
 
-    def place(self, row: int, prefill_cache, end: int) -> None:
-        """Copies a prefill's keys and values (a DynamicCache of one row, P tokens) into `row`, at
-        columns [end - P, end)."""
+    def place(self, row: int, prefill_cache, source: int, length: int, end: int) -> None:
+        """Copies the last `length` keys and values of row `source` of a prefill's cache (a DynamicCache of
+        a left-padded batch) into `row`, at columns [end - length, end)."""
         layers = prefill_cache.layers
         if self.keys is None:
             self._allocate(layers)
         for keys, values, layer in zip(self.keys, self.values, layers):
-            length = layer.keys.shape[-2]
-            keys[row, :, end - length : end] = layer.keys[0]
-            values[row, :, end - length : end] = layer.values[0]
+            keys[row, :, end - length : end] = layer.keys[source, :, -length:]
+            values[row, :, end - length : end] = layer.values[source, :, -length:]
 
     def move(self, source: int, target: int) -> None:
         """Row `source`'s keys and values, every column, into row `target`."""
@@ -223,7 +222,7 @@ class SlotCache:
         for layer, prefill_layer in zip(self.cache.layers, prefill_layers):
             # lazy_initialization sizes the store (batch, heads, columns, head_dim) from the tensors it is given.
             layer.lazy_initialization(
-                prefill_layer.keys.expand(self.slots, -1, -1, -1), prefill_layer.values.expand(self.slots, -1, -1, -1)
+                prefill_layer.keys[:1].expand(self.slots, -1, -1, -1), prefill_layer.values[:1].expand(self.slots, -1, -1, -1)
             )
         self.keys = [layer.keys for layer in self.cache.layers]
         self.values = [layer.values for layer in self.cache.layers]
