@@ -2,8 +2,9 @@
 
 Every source yields samples {"text": ..., "images": [...], **extra columns}: the text carries an
 `<image>` placeholder per image and `<|endofchunk|>` after the text of each image, as OpenFlamingo
-builds them; FlaminkoCollator turns a list of samples into model inputs with labels. Bad rows
-(empty caption, unreadable image, filtered caption) are skipped and counted, never raised mid-epoch.
+builds them; FlaminkoCollator turns a list of samples into model inputs with labels. Text between
+`<no_loss>` and `</no_loss>` is read without the tags and carries no loss. Bad rows (empty caption,
+unreadable image, filtered caption, unbalanced tags) are skipped and counted, never raised mid-epoch.
 """
 
 import csv
@@ -24,6 +25,37 @@ HANGUL = re.compile("[\uac00-\ud7a3]")
 # OpenFlaminKO's filter: captions of this many characters or more are dropped.
 MAX_CAPTION_CHARS = 1000
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+# Text between these tags is read by the LM, without the tags, but carries no loss: words a text
+# needs for its form that the image does not show, or a prompt the model should read, not learn.
+NO_LOSS_START, NO_LOSS_END = "<no_loss>", "</no_loss>"
+NO_LOSS_TAG = re.compile(f"({re.escape(NO_LOSS_START)}|{re.escape(NO_LOSS_END)})")
+
+
+def split_no_loss(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """The text without its no-loss tags, and the character spans of it that they enclosed.
+    Raises ValueError on tags that do not pair up (nested, unopened or unclosed)."""
+    clean, spans, start = "", [], None
+    for piece in NO_LOSS_TAG.split(text):
+        if piece == NO_LOSS_START and start is None:
+            start = len(clean)
+        elif piece == NO_LOSS_END and start is not None:
+            spans.append((start, len(clean)))
+            start = None
+        elif piece in (NO_LOSS_START, NO_LOSS_END):
+            raise ValueError(f"{piece} out of place in {text!r}: {NO_LOSS_START} and {NO_LOSS_END} pair up, unnested")
+        else:
+            clean += piece
+    if start is not None:
+        raise ValueError(f"{NO_LOSS_START} without its {NO_LOSS_END} in {text!r}")
+    return clean, spans
+
+
+def no_loss_problem(text: str) -> str | None:
+    try:
+        split_no_loss(text)
+    except ValueError:
+        return f"unbalanced {NO_LOSS_START} tags"
+    return None
 
 
 def pair_text(caption: str) -> str:
@@ -55,7 +87,7 @@ def caption_problem(caption, *, hangul_only: bool = False) -> str | None:
         return f"caption of {MAX_CAPTION_CHARS}+ characters"
     if hangul_only and not HANGUL.search(caption):
         return "caption without Hangul"
-    return None
+    return no_loss_problem(caption)
 
 
 def image_problem(source) -> str | None:
@@ -253,6 +285,10 @@ class InterleavedDocuments(Dataset):
         text = " ".join(sentences).replace(END_OF_CHUNK_TOKEN, "", 1)
         for spaced, tight in ((f" {END_OF_CHUNK_TOKEN}", END_OF_CHUNK_TOKEN), (f"{IMAGE_TOKEN} ", IMAGE_TOKEN), (f" {IMAGE_TOKEN}", IMAGE_TOKEN)):
             text = text.replace(spaced, tight)
+        problem = no_loss_problem(text)
+        if problem:
+            self.skipped[problem] += 1
+            return None
         return {"text": text + END_OF_CHUNK_TOKEN, "images": images}
 
     @staticmethod
@@ -284,6 +320,14 @@ def mask_interleaved_labels(labels: torch.Tensor, input_ids: torch.Tensor, media
     labels[(last_media < 0) | (previous_eoc > last_media)] = -100
 
 
+def mask_no_loss_spans(labels: torch.Tensor, offsets: torch.Tensor, spans: list[list[tuple[int, int]]]):
+    """In place: -100 on each token whose characters (`offsets`, the tokenizer's offset mapping)
+    overlap a no-loss span of its text; a token straddling the span's edge carries no loss either."""
+    for row, row_spans in enumerate(spans):
+        for start, end in row_spans:
+            labels[row, (offsets[row, :, 0] < end) & (offsets[row, :, 1] > start)] = -100
+
+
 def replace_words_at_random(input_ids: torch.Tensor, words: torch.Tensor, probability: float) -> torch.Tensor:
     """Input ids where each word token (`words`: a mask) is, with the given probability, replaced by
     a word token drawn from the whole batch, so that the LM reads a random word in its place: word
@@ -303,8 +347,9 @@ STREAM_STATE = "stream_state"
 
 
 class FlaminkoCollator:
-    """Pads a list of samples into model inputs, right-padded, with labels: -100 on padding and on
-    <image> tokens, and for interleaved documents OpenFlamingo's between-chunk mask too.
+    """Pads a list of samples into model inputs, right-padded, with labels: -100 on padding, on
+    <image> tokens and on text between <no_loss> tags (read without the tags; needs a fast
+    tokenizer, for its offsets), and for interleaved documents OpenFlamingo's between-chunk mask too.
 
     `word_noise` > 0 replaces that share of the text tokens the LM reads (not <image>,
     <|endofchunk|>, EOS or padding) with random text tokens of the batch, the labels keeping the
@@ -333,18 +378,24 @@ class FlaminkoCollator:
                 "The collator got samples without 'text': the Trainer removed the columns; "
                 "set remove_unused_columns=False"
             )
-        eos = self.processor.tokenizer.eos_token or ""
-        texts, images = [], []
+        tokenizer = self.processor.tokenizer
+        eos = tokenizer.eos_token or ""
+        texts, images, no_loss = [], [], []
         for sample in samples:
             try:
                 loaded = [load_image(image) for image in sample["images"]]
             except (ValueError, OSError):  # OSError: PIL's, from an image opened lazily (a dataset cell's bytes)
                 self.skipped["unreadable image"] += 1
                 continue
-            texts.append(sample["text"] + eos)
+            text, spans = split_no_loss(sample["text"] + eos)
+            texts.append(text)
+            no_loss.append(spans)
             images.append(loaded)
         if not texts:
             raise ValueError(f"Every sample of this batch had an unreadable image ({len(samples)} samples)")
+        with_spans = any(no_loss)
+        if with_spans and not tokenizer.is_fast:
+            raise ValueError(f"{NO_LOSS_START} tags need a fast tokenizer (its offsets); {type(tokenizer).__name__} is not")
         batch = self.processor(
             text=texts,
             images=images,
@@ -353,11 +404,14 @@ class FlaminkoCollator:
             max_length=self.max_length,
             padding_side="right",
             drop_truncated_images=True,
+            return_offsets_mapping=with_spans,
         )
         input_ids = batch["input_ids"]
         labels = input_ids.clone()
         if self.interleaved:
             mask_interleaved_labels(labels, input_ids, self.processor.image_token_id, self.processor.end_of_chunk_token_id)
+        if with_spans:
+            mask_no_loss_spans(labels, batch.pop("offset_mapping"), no_loss)
         labels[batch["attention_mask"] == 0] = -100
         labels[input_ids == self.processor.image_token_id] = -100
         batch["labels"] = labels

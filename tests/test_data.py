@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import noise_image, solid
-from flaminko.data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments
+from flaminko.data import CaptionShards, CaptionTable, FlaminkoCollator, InterleavedDocuments, split_no_loss
 
 
 @pytest.fixture
@@ -27,6 +27,7 @@ def test_caption_table_keeps_extra_columns_and_skips_bad_rows(images, suffix):
         {"image": "broken.jpg", "caption": "고장", "item_url": "https://shop/2"},
         {"image": "nowhere.png", "caption": "없음", "item_url": "https://shop/3"},
         {"image": "2.png", "caption": "a blue square", "item_url": "https://shop/4"},
+        {"image": "3.png", "caption": "<no_loss>닫지 않음", "item_url": "https://shop/5"},
     ]
     path = images / f"table{suffix}"
     if suffix == ".jsonl":
@@ -38,7 +39,7 @@ def test_caption_table_keeps_extra_columns_and_skips_bad_rows(images, suffix):
     table = CaptionTable(path)
     assert [s["text"] for s in table] == ["<image>빨간색 원<|endofchunk|>", "<image>a blue square<|endofchunk|>"]
     assert table[0]["item_url"] == "https://shop/0" and table[0]["images"] == [str(images / "0.png")]
-    assert table.skipped == {"empty caption": 1, "unreadable image": 1, "missing image file": 1}
+    assert table.skipped == {"empty caption": 1, "unreadable image": 1, "missing image file": 1, "unbalanced <no_loss> tags": 1}
     assert len(CaptionTable(path, hangul_only=True)) == 1
 
 
@@ -83,6 +84,27 @@ def test_word_noise_replaces_the_words_the_lm_reads_and_keeps_the_labels(model_a
         FlaminkoCollator(processor, word_noise=1.5)
 
 
+def test_no_loss_tags_take_the_loss_off_their_words_only(model_and_processor, images):
+    _, processor = model_and_processor
+    tagged = ["<image>빨간색 <no_loss>모름</no_loss><|endofchunk|>", "<image><no_loss>모름</no_loss> 네모<|endofchunk|>"]
+    samples = [{"text": text, "images": [str(images / f"{i}.png")]} for i, text in enumerate(tagged)]
+    plain = [{**sample, "text": sample["text"].replace("<no_loss>", "").replace("</no_loss>", "")} for sample in samples]
+    for interleaved in (False, True):
+        collator = FlaminkoCollator(processor, interleaved=interleaved)
+        masked, clean = collator(samples), collator(plain)
+        assert torch.equal(masked["input_ids"], clean["input_ids"]) and "offset_mapping" not in masked  # the LM reads the word
+        lost = masked["labels"] != clean["labels"]
+        assert (masked["labels"][lost] == -100).all()
+        assert [processor.tokenizer.decode(ids[row]).strip() for ids, row in zip(clean["input_ids"], lost)] == ["모름", "모름"]
+
+
+def test_no_loss_tags_pair_up():
+    assert split_no_loss("<no_loss>모름</no_loss> 네모, <no_loss>또</no_loss>") == ("모름 네모, 또", [(0, 2), (7, 8)])
+    for broken in ("모름</no_loss>", "<no_loss>모름", "<no_loss><no_loss>모름</no_loss></no_loss>"):
+        with pytest.raises(ValueError, match="no_loss"):
+            split_no_loss(broken)
+
+
 def test_collator_explains_removed_columns(model_and_processor):
     _, processor = model_and_processor
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
@@ -98,13 +120,14 @@ def test_interleaved_documents_text_and_labels(model_and_processor, images):
     }
     obelics = {"texts": [None, "첫 그림.", None, "둘째 그림."], "images": ["2.png", None, "3.png", None]}
     path = images / "docs.jsonl"
-    path.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in (mmc4, obelics, {"texts": ["글"], "images": [None]})))
+    unclosed = {"texts": [None, "<no_loss>닫지 않음"], "images": ["2.png", None]}
+    path.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in (mmc4, obelics, {"texts": ["글"], "images": [None]}, unclosed)))
     documents = InterleavedDocuments(path)
     assert [d["text"] for d in documents] == [
         "앞 문장.<image>빨간 그림. 설명 없는 문장.<|endofchunk|><image>파란 그림.<|endofchunk|>",
         "<image>첫 그림.<|endofchunk|><image>둘째 그림.<|endofchunk|>",
     ]
-    assert documents.skipped == {"unreadable image": 1, "document without readable images": 1}
+    assert documents.skipped == {"unreadable image": 1, "document without readable images": 1, "unbalanced <no_loss> tags": 1}
     batch = FlaminkoCollator(processor, max_length=256, interleaved=True)([documents[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     tokenizer = processor.tokenizer
