@@ -51,6 +51,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from ..configuration_flaminko import CACHE_NAME
+from .batching import collate
 from .stack import SlotCache, decoding_settings
 
 
@@ -304,22 +305,21 @@ class ContinuousBatcher:
     def _prefill(self, requests: list[Request]):
         """The model's forward on the prompts, as generate's first step runs it on a left-padded batch:
         one vision forward for all their images, one pass over the LM's weights for all their tokens."""
-        longest = max(request.input_ids.shape[1] for request in requests)
-        device = requests[0].input_ids.device
-        input_ids = torch.zeros(len(requests), longest, dtype=torch.long, device=device)
-        attention_mask = torch.zeros_like(input_ids)
-        for index, request in enumerate(requests):
-            length = request.input_ids.shape[1]
-            input_ids[index, longest - length :] = request.input_ids[0]
-            attention_mask[index, longest - length :] = 1
-        pixel_values = None
-        if requests[0].pixel_values is not None:
-            pixel_values = torch.cat([request.pixel_values for request in requests])
+        # Pad token 0: padded columns are masked, and never copied into a slot.
+        prompts = [
+            {
+                "input_ids": request.input_ids,
+                "attention_mask": torch.ones_like(request.input_ids),
+                "pixel_values": request.pixel_values,
+            }
+            for request in requests
+        ]
+        batch = collate(prompts, 0)
         return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-            pixel_values=pixel_values,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+            pixel_values=batch.get("pixel_values"),
             use_cache=True,
             logits_to_keep=1,
         )
