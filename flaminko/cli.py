@@ -313,32 +313,44 @@ def _add_serve(commands):
         help="largest image file accepted, from any source (default: %(default)s)",
     )
     serve.add_argument("--log-level", "--log_level", dest="log_level", default="warning", choices=("debug", "info", "warning", "error"))
+    ray = serve.add_argument_group(
+        "Ray Serve: the same server as replicas on a Ray cluster (the one RAY_ADDRESS or `ray start` names, "
+        "else a local one); --host and --port are where Ray's proxy listens"
+    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve (pip install 'flaminko[ray]')")
+    ray.add_argument("--replicas", type=int, metavar="N", help="replicas, each with its own copy of the model and running batch (default 1)")
+    ray.add_argument(
+        "--max-replicas", "--max_replicas", dest="max_replicas", type=int, metavar="N",
+        help="autoscale between --replicas and this many, aiming at --max-batch-size requests per replica (default: no autoscaling)",
+    )
+    ray.add_argument(
+        "--replica-cpus", "--replica_cpus", dest="replica_cpus", type=float, metavar="CPUS",
+        help="CPUs Ray gives each replica, also its torch threads (default 1)",
+    )
+    ray.add_argument(
+        "--replica-gpus", "--replica_gpus", dest="replica_gpus", type=float, metavar="GPUS",
+        help="GPUs Ray gives each replica (default 0: the replica runs on the CPU); 1 for one replica per GPU",
+    )
+
+
+# `flaminko serve` options that only Ray Serve takes.
+RAY_OPTIONS = {"replicas": "--replicas", "max_replicas": "--max-replicas", "replica_cpus": "--replica-cpus", "replica_gpus": "--replica-gpus"}
 
 
 def _serve(args):
     from .serving import ImageSources, serve
 
-    images = ImageSources(
-        local_files=args.allow_local_files,
-        fetch_urls=args.fetch_images,
-        allow_private_urls=args.allow_private_urls,
-        fetch_timeout_s=args.fetch_timeout,
-        max_image_mb=args.max_image_mb,
-    )
-    serve(
-        args.model,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        served_model_name=args.served_model_name,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_size=args.max_batch_size,
-        max_total_tokens=args.max_total_tokens,
-        max_images=args.max_images,
-        max_queue=args.max_queue,
-        images=images,
-    )
+    settings = {name: value for name, value in vars(args).items() if name not in ("command", "debug", "model", "ray")}
+    images = ImageSources.from_options(settings)
+    ray_settings = {name: value for name in RAY_OPTIONS if (value := settings.pop(name)) is not None}
+    if not args.ray:
+        if ray_settings:
+            raise ValueError(f"{', '.join(RAY_OPTIONS[name] for name in ray_settings)}: Ray Serve's, taken only with --ray")
+        serve(args.model, images=images, **settings)
+        return
+    from .serving.ray_deployment import run
+
+    run(args.model, images=images, **settings, **ray_settings)
 
 
 def _add_release(commands):

@@ -294,6 +294,7 @@ def test_cli_serves_until_interrupted(folder, tmp_path):
         (["FOLDER", "--allow-local-files", "/no/such/folder"], "--allow-local-files /no/such/folder: no such folder"),
         (["FOLDER", "--fetch-timeout", "0"], "--fetch-timeout must be more than 0 seconds, got 0.0"),
         (["FOLDER", "--max-image-mb", "-1"], "--max-image-mb must be more than 0, got -1.0"),
+        (["FOLDER", "--replicas", "2", "--replica-gpus", "1"], "--replicas, --replica-gpus: Ray Serve's, taken only with --ray"),
     ],
 )
 def test_cli_errors_are_one_line(folder, capsys, arguments, message):
@@ -303,6 +304,18 @@ def test_cli_errors_are_one_line(folder, capsys, arguments, message):
         main(["serve", *(str(folder) if argument == "FOLDER" else argument for argument in arguments)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"flaminko serve: error: {message}"]
+
+
+def test_ray_without_ray_installed_is_one_line_naming_the_extra(folder, capsys, monkeypatch):
+    from flaminko.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as where it is not installed
+    monkeypatch.delitem(sys.modules, "flaminko.serving.ray_deployment", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(folder), "--ray"])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("flaminko serve: error: flaminko serve --ray needs Ray Serve") and line.endswith("pip install 'flaminko[ray]'")
 
 
 def test_collate_left_pads_prompts_and_blank_pads_images():

@@ -68,22 +68,13 @@ def build_app(
     same settings share one generate batch, which runs until its last row ends: for comparisons)."""
     from transformers.utils import logging as transformers_logging
 
-    from ..hub import check_model_source
     from ..inference import load
     from .stack import TransformersServing
 
-    for option, value, least in (
-        ("--max-batch-size", max_batch_size, 1),
-        ("--max-total-tokens", max_total_tokens, 2),
-        ("--max-images", max_images, 0),
-        ("--max-queue", max_queue, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    check_options(
+        model, max_batch_size=max_batch_size, max_total_tokens=max_total_tokens, max_images=max_images, max_queue=max_queue, scheduler=scheduler
+    )
     images = images or ImageSources()
-    check_model_source(model, option="MODEL")
     stack = TransformersServing()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -190,6 +181,24 @@ def build_app(
         return JSONResponse(RequestError(400, message).body(), status_code=400)
 
     return app
+
+
+def check_options(model: str, *, max_batch_size: int, max_total_tokens: int, max_images: int, max_queue: int, scheduler: str) -> None:
+    """build_app's options and the model's source, checked before anything is loaded (on Ray, before any
+    replica starts)."""
+    from ..hub import check_model_source
+
+    for option, value, least in (
+        ("--max-batch-size", max_batch_size, 1),
+        ("--max-total-tokens", max_total_tokens, 2),
+        ("--max-images", max_images, 0),
+        ("--max-queue", max_queue, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    check_model_source(model, option="MODEL")
 
 
 def generation_manager(model, stack, scheduler: str, max_batch_size: int, max_total_tokens: int, max_images: int):
@@ -343,11 +352,15 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: s
     """Load the model and serve it until interrupted."""
     import uvicorn
 
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {port}")
+    check_port(port)
     app = build_app(model, log_level=log_level, **options)
     print(f"Serving {options.get('served_model_name') or model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
 
 
 class BackgroundServer:

@@ -25,6 +25,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -100,6 +101,20 @@ class ImageSources:
     allow_private_urls: bool = False
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
     max_image_mb: float = DEFAULT_MAX_IMAGE_MB
+    # flaminko serve's options (under their Python names) -> the fields they set.
+    OPTIONS: ClassVar[dict[str, str]] = {
+        "allow_local_files": "local_files",
+        "fetch_images": "fetch_urls",
+        "allow_private_urls": "allow_private_urls",
+        "fetch_timeout": "fetch_timeout_s",
+        "max_image_mb": "max_image_mb",
+    }
+
+    @classmethod
+    def from_options(cls, options: dict) -> "ImageSources":
+        """The sources flaminko serve's options name (--allow-local-files, --no-fetch-images...), taken
+        out of `options`, which keeps the others."""
+        return cls(**{field: options.pop(option) for option, field in cls.OPTIONS.items() if option in options})
 
     def __post_init__(self):
         if self.local_files is not None:
