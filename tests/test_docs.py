@@ -16,7 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PATH = re.compile(r"(?<![\w/.-])((?:flaminko|tests|examples|benchmarks|docs|checks|\.ci)/[\w./*-]*[\w*])")
+# ASCII: repository paths are ASCII, and a Korean particle written right after one is not part of it.
+PATH = re.compile(r"(?<![\w/.-])((?:flaminko|tests|examples|benchmarks|docs|checks|\.ci)/[\w./*-]*[\w*])", re.ASCII)
 MODULE = re.compile(r"(?<![\w/.-])(flaminko(?:\.\w+)+)")
 # Paths the pages name inside transformers' own repository, not this one.
 TRANSFORMERS_PATHS = {"tests/generation/test_utils.py"}

@@ -12,6 +12,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -79,7 +80,7 @@ def test_a_killed_replica_is_replaced_and_the_requests_it_held_are_answered_when
     retrying = openai.OpenAI(base_url=url, api_key="none", max_retries=5, timeout=600)
     with ThreadPoolExecutor(len(cases)) as pool:
         futures = [pool.submit(ask, retrying, case, LONG) for case in cases]
-        time.sleep(1)  # the requests admitted and decoding, on both replicas
+        wait_until_both_replicas_decode(url)
         os.kill(pids[0], signal.SIGKILL)
         answers = [future.result() for future in futures]
     assert [text for text, _, _ in answers] == expected
@@ -108,6 +109,18 @@ def test_cli_errors_are_one_line_before_ray_starts(folder, capsys, arguments, me
         main(["serve", str(folder), "--ray", *arguments])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"flaminko serve: error: {message}"]
+
+
+def wait_until_both_replicas_decode(url: str) -> None:
+    """Until each replica's /metrics (reached through Ray's proxy, which picks the replica) shows
+    running requests: a fixed sleep lets a loaded machine kill a replica that holds none yet."""
+    running = {}
+    deadline = time.monotonic() + 120
+    while len([replica for replica, rows in running.items() if rows]) < 2:
+        assert time.monotonic() < deadline, f"the requests did not reach both replicas: {running}"
+        response = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=60)
+        rows = next(line for line in response.text.splitlines() if line.startswith("flaminko_running_requests "))
+        running[response.headers["x-flaminko-replica"]] = int(float(rows.split()[1]))
 
 
 def running_replicas() -> int:
