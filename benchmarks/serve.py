@@ -2,7 +2,7 @@
 clients, short and long answers mixed.
 
     python benchmarks/serve.py --out benchmarks/results/serve.json
-    python benchmarks/serve.py --layers 2 --rounds 1 --requests 1 --long-tokens 16    # a quick check that it runs
+    python benchmarks/serve.py --layers 2 --rounds 1 --requests 1 --long-tokens 16 --candidates 16    # a quick check that it runs
 
 Builds a Flaminko model of compare.py's shape (random weights, gates open, nothing downloaded),
 serves it three times in this process on loopback -- continuous (continuous batching, up to
@@ -10,7 +10,14 @@ serves it three times in this process on loopback -- continuous (continuous batc
 in one generate batch of up to --max-batch-size rows, run until its last row ends) and one-at-a-time
 (micro-batching of one row: one request at a time, as transformers serve runs them) -- and has N
 clients (threads with the official `openai` client) each stream R chat completions of one image and a
-short prompt, greedy, alternately --short-tokens and --long-tokens new tokens at most. Alternates the
+short prompt, greedy, all with the same settings (--long-tokens new tokens at most), whose answers are
+alternately short (they end within --short-tokens tokens) and long (they run to --long-tokens), as
+answers of one served model end where it stops. The random model does not stop by itself, so the
+benchmark first reads its greedy answers to --candidates prompts (generate) and makes EOS the token
+that splits them best: some answers reach it within --short-tokens, others never within
+--long-tokens; those prompts are the ones sent. Micro-batching groups requests by their settings, so
+lengths that came from different max_tokens would have run in separate batches, not the case this
+compares. Alternates the
 servers and the client counts in every round and reports medians over rounds: requests/s (requests /
 wall time), and p50 and p95 of time to first token (request sent -> first content chunk) and of
 latency (request sent -> last chunk). The servers run in this process, so benchmarks/machine.py's
@@ -32,6 +39,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 
 from compare import SHAPES
 from machine import OtherLoad
@@ -40,6 +48,7 @@ from flaminko import FlaminkoForConditionalGeneration, register_auto_classes, ti
 from flaminko.serving import BackgroundServer, build_app
 
 CLIENTS = (1, 8, 32)
+PROBE_BATCH = 16
 SERVERS = ("continuous", "micro-batching", "one-at-a-time")
 
 
@@ -61,17 +70,55 @@ def build(shape: str, layers: int | None, folder: Path) -> Path:
     return folder / "model"
 
 
-def image_url(seed: int) -> str:
+def noise_image(seed: int) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (224, 224, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(torch.randint(0, 256, (224, 224, 3), generator=generator, dtype=torch.uint8).numpy())
+
+
+def image_url(seed: int) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
+    noise_image(seed).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def one_request(client, index: int, new_tokens: int) -> tuple[float, float]:
+def prompt_text(case: int) -> str:
+    return f"사진 {case}:"
+
+
+def mixed_lengths(folder: Path, candidates: int, short_tokens: int, long_tokens: int) -> dict:
+    """Sets the model's EOS (in its saved generation config) to the token that splits the greedy answers
+    to prompts 0..candidates-1 best, and returns it with the prompts whose answers reach it within
+    short_tokens ("short", with each answer's length) and those whose answers never reach it within
+    long_tokens ("long"). The prompts are laid out as the server lays out a chat message."""
+    model = FlaminkoForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, candidates, PROBE_BATCH):
+        cases = range(start, min(start + PROBE_BATCH, candidates))
+        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text(case)}]}] for case in cases]
+        prompts = [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+        batch = processor(text=prompts, images=[[noise_image(case)] for case in cases], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=long_tokens, do_sample=False, eos_token_id=None)
+        answers += out[:, batch["input_ids"].shape[1] :].tolist()
+
+    def split(token: int) -> tuple[dict[int, int], list[int]]:
+        short = {case: answer.index(token) + 1 for case, answer in enumerate(answers) if token in answer[:short_tokens]}
+        return short, [case for case, answer in enumerate(answers) if token not in answer]
+
+    eos = max(sorted({token for answer in answers for token in answer}), key=lambda token: min(len(part) for part in split(token)))
+    short, long = split(eos)
+    if not short or not long:
+        raise SystemExit(f"no token ends some of the {candidates} answers within {short_tokens} tokens and no other: try more --candidates")
+    model.generation_config.eos_token_id = eos
+    model.generation_config.save_pretrained(folder)
+    return {"eos_token_id": eos, "short": short, "long": long}
+
+
+def one_request(client, case: int, new_tokens: int) -> tuple[float, float]:
     """Streams one answer; returns the seconds to its first content chunk and to its end."""
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(index)}}, {"type": "text", "text": f"사진 {index}:"}]}]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(case)}}, {"type": "text", "text": prompt_text(case)}]}]
     start = time.perf_counter()
     first = None
     stream = client.chat.completions.create(model="bench", messages=messages, max_tokens=new_tokens, temperature=0, stream=True)
@@ -87,8 +134,9 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[max(math.ceil(share * len(ordered)), 1) - 1]
 
 
-def measure(url: str, clients: int, requests_per_client: int, lengths: tuple[int, int]) -> dict:
-    """Request i asks for lengths[i % 2] new tokens at most. A fresh client (connection pool) per
+def measure(url: str, clients: int, requests_per_client: int, workload: dict, new_tokens: int) -> dict:
+    """Request i sends a short-answer prompt when i is even, a long-answer one when odd, each asking for
+    new_tokens at most. A fresh client (connection pool) per
     measurement: connections left idle while another server was measured are past uvicorn's keep-alive
     timeout, and reusing one as the server closes it resets it (no retries here, so that a failure shows)."""
     import openai
@@ -97,7 +145,9 @@ def measure(url: str, clients: int, requests_per_client: int, lengths: tuple[int
     total = clients * requests_per_client
     with OtherLoad() as load, ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        timings = list(pool.map(lambda index: one_request(client, index, lengths[index % 2]), range(total)))
+        short, long = list(workload["short"]), workload["long"]
+        cases = [(short if index % 2 == 0 else long)[index // 2 % len(short if index % 2 == 0 else long)] for index in range(total)]
+        timings = list(pool.map(lambda case: one_request(client, case, new_tokens), cases))
         seconds = time.perf_counter() - start
     firsts, latencies = [first for first, _ in timings], [latency for _, latency in timings]
     return {
@@ -117,8 +167,9 @@ def main():
     parser.add_argument("--layers", type=int, help="fewer layers (vision and LM) than the shape has")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in a measurement")
-    parser.add_argument("--short-tokens", type=int, default=4, help="most new tokens of the even requests")
-    parser.add_argument("--long-tokens", type=int, default=256, help="most new tokens of the odd requests")
+    parser.add_argument("--short-tokens", type=int, default=4, help="the even requests' answers end within this many tokens")
+    parser.add_argument("--long-tokens", type=int, default=256, help="every request's max_tokens; the odd requests' answers run to it")
+    parser.add_argument("--candidates", type=int, default=32, help="prompts whose greedy answers choose the EOS and the requests")
     parser.add_argument("--max-batch-size", type=int, default=8, help="rows of continuous batching and of micro-batching")
     parser.add_argument("--out", help="JSON results file (e.g. benchmarks/results/serve.json)")
     args = parser.parse_args()
@@ -126,7 +177,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as work:
         folder = build(args.shape, args.layers, Path(work))
-        lengths = (args.short_tokens, args.long_tokens)
+        workload = mixed_lengths(folder, args.candidates, args.short_tokens, args.long_tokens)
+        print(json.dumps({"workload": workload}), flush=True)
         # The queue holds every client's request: the comparison is of scheduling, not of admission.
         common = dict(served_model_name="bench", device="cpu", max_total_tokens=args.long_tokens + 128, max_queue=max(CLIENTS))
         settings_of = {
@@ -143,7 +195,7 @@ def main():
                 order = list(SERVERS) if round_index % 2 == 0 else list(reversed(SERVERS))
                 for clients in CLIENTS:
                     for name in order:
-                        sample = measure(urls[name], clients, args.requests, lengths)
+                        sample = measure(urls[name], clients, args.requests, workload, args.long_tokens)
                         samples[name, clients].append(sample)
                         print(json.dumps({"round": round_index, "server": name, "clients": clients, **sample}), flush=True)
     figures = ("requests_per_second", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95")
@@ -177,6 +229,9 @@ def main():
         "requests_per_client": args.requests,
         "short_tokens": args.short_tokens,
         "long_tokens": args.long_tokens,
+        "eos_token_id": workload["eos_token_id"],
+        "short_answers": {str(case): length for case, length in workload["short"].items()},
+        "long_answers": workload["long"],
         "max_batch_size": args.max_batch_size,
         "threads": torch.get_num_threads(),
     }
