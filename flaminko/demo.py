@@ -6,9 +6,7 @@ Flamingo's, in miniature: an LM (with a tokenizer trained on the captions) is pr
 holding every colour-shape phrase, and a vision tower on naming colours and shapes (standing in for
 GPT-NeoX and CLIP, which cannot be downloaded here); both are frozen, and the resampler and gated
 cross-attention of a small Flaminko are trained with the Trainer on interleaved documents of
-captioned images, laid out as few-shot prompts are. Beside the images, both pretrainings and the
-documents hold copies showing one attribute each (tile-scrambled: the colour; hue-turned: the
-shape), so that neither is learned as a function of the other. The model is saved, reloaded through
+captioned images, laid out as few-shot prompts are. The model is saved, reloaded through
 AutoModelForImageTextToText / AutoProcessor, and asked to caption new images, the held-out
 combinations among them. Prints the exact-match accuracy and writes a contact sheet.
 """
@@ -38,7 +36,6 @@ from transformers import (
 )
 
 from . import tiny
-from .data import NO_LOSS_END, NO_LOSS_START, split_no_loss
 from .inference import generate_captions
 from .processing_flaminko import END_OF_CHUNK_TOKEN
 from .training import DataArguments, ModelArguments, internal_file_bars_off, train
@@ -65,13 +62,6 @@ PHRASES_PER_TEXT = 8
 MAX_DOCUMENT_IMAGES = 9
 DOCUMENTS_PER_BATCH = 8  # 5 images a document on average: about as many captions a step as 32 pairs
 SHADE_JITTER = 20
-# "Unknown": the word an attribute-only copy's caption holds where its image does not show the
-# attribute, so that every caption keeps the form "colour shape"; it carries no loss.
-UNKNOWN = "모름"
-# This share of the training images also appears in the documents as two attribute-only copies: a
-# tile-scrambled one captioned "colour 모름" and a hue-turned one captioned "모름 shape".
-ATTRIBUTE_COPIES = 0.25
-TILES = 4  # a tile-scrambled copy is the image cut into TILES x TILES tiles, put back in random order
 OUTLINE = (20, 20, 20)
 # Both pretrained backbones are frozen, as in Flamingo. A frozen LM keeps what its text taught it:
 # any shape may follow a colour word. Trained along with the captions, it learned that the shape held
@@ -137,51 +127,10 @@ def write_dataset(folder: Path, seed: int, train_per_combination: int = 300, tes
     return splits
 
 
-def hue_turned(image: Image.Image, rng: random.Random) -> Image.Image:
-    """The image with its hue turned an eighth to seven eighths of the way round: the shape as it
-    was, the colour another."""
-    hue, saturation, value = image.convert("HSV").split()
-    turn = rng.randint(32, 224)
-    return Image.merge("HSV", (hue.point(lambda h: (h + turn) % 256), saturation, value)).convert("RGB")
-
-
-def tile_scrambled(image: Image.Image, rng: random.Random) -> Image.Image:
-    """The image cut into TILES x TILES tiles, put back in random order: the colours as they were,
-    the shape gone."""
-    size = image.width // TILES
-    boxes = [(x * size, y * size, (x + 1) * size, (y + 1) * size) for y in range(TILES) for x in range(TILES)]
-    sources = rng.sample(boxes, len(boxes))
-    scrambled = image.copy()
-    for box, source in zip(boxes, sources):
-        scrambled.paste(image.crop(source), box)
-    return scrambled
-
-
-def write_attribute_copies(folder: Path, rows: list[dict], seed: int) -> list[dict]:
-    """Rows for two copies of a share ATTRIBUTE_COPIES of the training images, saved beside them, each
-    showing one attribute: tile-scrambled, captioned "colour 모름", and hue-turned, captioned
-    "모름 shape", with 모름 in no-loss tags. The seen combinations alone teach the captioner's visual
-    route to name colour and shape together; a copy makes it name one without the other."""
-    rng = random.Random(seed)
-    unknown = f"{NO_LOSS_START}{UNKNOWN}{NO_LOSS_END}"
-    copies = []
-    for row in rng.sample(rows, round(ATTRIBUTE_COPIES * len(rows))):
-        colour, shape = row["caption"].split(" ")
-        image = Image.open(folder / row["image"]).convert("RGB")
-        for kind, copy, caption in (
-            ("tiles", tile_scrambled(image, rng), f"{colour} {unknown}"),
-            ("hue", hue_turned(image, rng), f"{unknown} {shape}"),
-        ):
-            name = row["image"].replace(".png", f"-{kind}.png")
-            copy.save(folder / name)
-            copies.append({"image": name, "caption": caption})
-    return copies
-
-
 def write_documents(folder: Path, rows: list[dict], seed: int) -> Path:
-    """train_documents.jsonl: the images and captions of the rows, grouped into interleaved documents
-    of 1 to MAX_DOCUMENT_IMAGES image-caption pairs ("<image>caption<|endofchunk|>" each, as a
-    few-shot prompt is laid out), each image in one document."""
+    """train_documents.jsonl: the training images and captions again, grouped into interleaved
+    documents of 1 to MAX_DOCUMENT_IMAGES image-caption pairs ("<image>caption<|endofchunk|>" each,
+    as a few-shot prompt is laid out), each image in one document."""
     rng = random.Random(seed)
     rows = rows[:]
     rng.shuffle(rows)
@@ -197,35 +146,28 @@ def write_documents(folder: Path, rows: list[dict], seed: int) -> Path:
 
 
 def save_backbones(folder: Path, captions: list[str]):
-    """A small CLIP vision tower and GPT-NeoX LM from configs, with a tokenizer trained on the captions
-    that knows <|endofchunk|>, which closes the LM's pretraining phrases as it closes captions."""
+    """A small CLIP vision tower and GPT-NeoX LM from configs, with a tokenizer trained on the captions."""
     vision = folder / "vision"
     language = folder / "language-model"
     tiny.save_tiny_vision(vision, image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, num_hidden_layers=2)
-    tiny.save_tiny_language_model(
-        language, "gpt_neox", texts=captions * 4, special_tokens=(END_OF_CHUNK_TOKEN,), hidden_size=64, num_hidden_layers=2
-    )
+    tiny.save_tiny_language_model(language, "gpt_neox", texts=captions * 4, hidden_size=64, num_hidden_layers=2)
     return vision, language
 
 
-def phrases() -> list[str]:
-    """Every colour-shape phrase, and each colour and each shape with 모름 in the other's place, as
-    the attribute-only copies are captioned."""
-    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-    pairs += [(colour, UNKNOWN) for colour in COLOURS] + [(UNKNOWN, shape) for shape in SHAPES]
-    return [f"{first} {second}{END_OF_CHUNK_TOKEN}" for first, second in pairs]
-
-
 def pretrain_language_model(language: Path, out: Path, steps: int, seed: int):
-    """Trains the LM in `language` on text alone, every phrase equally often (the held-out
-    combinations too), and saves it back: a real Flamingo's frozen LM has read every phrase of its
-    language before it sees an image, so no shape is unlikely after a colour word. Phrases end with
-    <|endofchunk|>, as captions do in Flaminko's documents: the frozen LM knows where one ends."""
+    """Trains the LM in `language` (and its tokenizer) on text alone, every colour-shape phrase
+    equally often (the held-out ones too), and saves it back: a real Flamingo's frozen LM has read
+    every phrase of its language before it sees an image, so no shape is unlikely after a colour word."""
     tokenizer = AutoTokenizer.from_pretrained(language)
+    # Phrases end with <|endofchunk|>, as captions do in Flaminko's documents: the frozen LM knows
+    # where one ends.
+    tokenizer.add_tokens([END_OF_CHUNK_TOKEN], special_tokens=True)
+    tokenizer.save_pretrained(language)
+    phrases = [f"{colour} {shape}{END_OF_CHUNK_TOKEN}" for colour in COLOURS for shape in SHAPES]
     args = training_arguments(out, steps, seed)
     args.remove_unused_columns = False  # the samples are plain strings, turned into tensors by collate
     rng = random.Random(seed)
-    texts = ["".join(rng.choices(phrases(), k=PHRASES_PER_TEXT)) for _ in range(steps * args.per_device_train_batch_size)]
+    texts = ["".join(rng.choices(phrases, k=PHRASES_PER_TEXT)) for _ in range(steps * args.per_device_train_batch_size)]
     # Padding for these batches only (their labels skip it); the saved tokenizer keeps none, and
     # Flaminko's processor adds its own.
     tokenizer.pad_token = tokenizer.eos_token
@@ -236,21 +178,16 @@ def pretrain_language_model(language: Path, out: Path, steps: int, seed: int):
         return encoded
 
     model = AutoModelForCausalLM.from_pretrained(language)
+    model.resize_token_embeddings(len(tokenizer))
     Trainer(model=model, args=args, train_dataset=texts, data_collator=collate).train()
     model.save_pretrained(language)
 
 
-def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the samples with a label (not -100); 0, not nan, for a batch with none."""
-    return F.cross_entropy(logits, labels, reduction="sum") / labels.ne(-100).sum().clamp(min=1)
-
-
 class AttributeClassifier(torch.nn.Module):
     """The vision tower's pretraining task: two linear heads on its mean output feature, one naming
-    the colour and one the shape. Beside each image come a hue-turned copy with the shape label only
-    and a tile-scrambled copy with the colour label only (the other -100): each head learns features
-    that do not depend on the other attribute, which is what lets the captioner name a shape in a
-    colour it never saw it in."""
+    the colour and one the shape. Images come in colour and in greyscale; a greyscale copy has no
+    colour label (-100), so the shape head learns features that do not depend on the colour, which
+    is what lets the captioner name a shape in a colour it never saw it in."""
 
     def __init__(self, vision: CLIPVisionModel):
         super().__init__()
@@ -260,22 +197,18 @@ class AttributeClassifier(torch.nn.Module):
 
     def forward(self, pixel_values, colour_labels, shape_labels):
         features = self.vision(pixel_values=pixel_values).last_hidden_state.mean(1)
-        colour_loss = labelled_cross_entropy(self.colour_head(features), colour_labels)
-        return {"loss": colour_loss + labelled_cross_entropy(self.shape_head(features), shape_labels)}
+        # Summed and divided by hand: a batch of greyscale copies only has no colour label at all.
+        colour_loss = F.cross_entropy(self.colour_head(features), colour_labels, reduction="sum")
+        colour_loss = colour_loss / colour_labels.ne(-100).sum().clamp(min=1)
+        return {"loss": colour_loss + F.cross_entropy(self.shape_head(features), shape_labels)}
 
 
-def attribute_samples(rows: list[dict], folder: Path, image_processor, seed: int) -> list[dict]:
-    """Each training image three times: as drawn with both labels, hue-turned with the shape label
-    only, and tile-scrambled with the colour label only."""
-    rng = random.Random(seed)
+def attribute_samples(rows: list[dict], folder: Path, image_processor) -> list[dict]:
+    """Each training image twice, in colour with both labels and in greyscale with the shape only."""
     images = [Image.open(folder / row["image"]).convert("RGB") for row in rows]
-    versions = (
-        (images, True, True),
-        ([hue_turned(image, rng) for image in images], False, True),
-        ([tile_scrambled(image, rng) for image in images], True, False),
-    )
+    greys = [image.convert("L").convert("RGB") for image in images]
     samples = []
-    for batch, with_colour, with_shape in versions:
+    for batch, with_colour in ((images, True), (greys, False)):
         pixel_values = image_processor(images=batch, return_tensors="pt")["pixel_values"]
         for pixels, row in zip(pixel_values, rows):
             colour, shape = row["caption"].split(" ")
@@ -283,7 +216,7 @@ def attribute_samples(rows: list[dict], folder: Path, image_processor, seed: int
                 {
                     "pixel_values": pixels,
                     "colour_labels": list(COLOURS).index(colour) if with_colour else -100,
-                    "shape_labels": SHAPES.index(shape) if with_shape else -100,
+                    "shape_labels": SHAPES.index(shape),
                 }
             )
     return samples
@@ -312,7 +245,7 @@ def training_arguments(output_dir: Path, steps: int, seed: int, batch_size: int 
 def pretrain_vision(vision: Path, rows: list[dict], data_folder: Path, out: Path, steps: int, seed: int):
     """Trains the vision tower in `vision` on colour and shape names with the Trainer, and saves it back."""
     classifier = AttributeClassifier(CLIPVisionModel.from_pretrained(vision))
-    samples = attribute_samples(rows, data_folder, AutoImageProcessor.from_pretrained(vision), seed)
+    samples = attribute_samples(rows, data_folder, AutoImageProcessor.from_pretrained(vision))
     Trainer(model=classifier, args=training_arguments(out, steps, seed), train_dataset=samples).train()
     classifier.vision.save_pretrained(vision)
 
@@ -347,19 +280,16 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
     out = Path(out)
     print(f"1/7 synthetic data: {len(COLOURS)} colours x {len(SHAPES)} shapes, {len(HELD_OUT)} combinations held out")
     splits = write_dataset(out / "data", seed)
-    training_rows = splits["train.tsv"] + write_attribute_copies(out / "data", splits["train.tsv"], seed)
-    documents = write_documents(out / "data", training_rows, seed)
+    documents = write_documents(out / "data", splits["train.tsv"], seed)
     print("2/7 tokenizer trained on the captions; small CLIP vision tower and GPT-NeoX LM from configs")
-    captions = [split_no_loss(row["caption"])[0] for row in training_rows]
-    vision, language = save_backbones(out / "backbones", captions)
+    vision, language = save_backbones(out / "backbones", [row["caption"] for row in splits["train.tsv"]])
     print(f"3/7 pretraining the LM on text: every colour-shape phrase, {LANGUAGE_STEPS} steps")
     pretrain_language_model(language, out / "language-pretraining", LANGUAGE_STEPS, seed)
-    print(f"4/7 pretraining the vision tower to name colours and shapes (and hue-turned shapes, scrambled colours), {steps} steps")
+    print(f"4/7 pretraining the vision tower to name colours and shapes, {steps} steps")
     pretrain_vision(vision, splits["train.tsv"], out / "data", out / "vision-pretraining", steps, seed)
     print(
         f"5/7 fine-tuning Flaminko's resampler and cross-attention (LM and vision tower frozen) with the Trainer "
-        f"on interleaved documents of 1-{MAX_DOCUMENT_IMAGES} captioned images ({ATTRIBUTE_COPIES:.0%} of them "
-        f"also as copies showing one attribute, the other one '{UNKNOWN}' without loss), {steps} steps"
+        f"on interleaved documents of 1-{MAX_DOCUMENT_IMAGES} captioned images, {steps} steps"
     )
     model_args = ModelArguments(
         vision_model=str(vision), language_model=str(language), config_overrides=json.dumps(DEMO_CONFIG)

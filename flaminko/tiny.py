@@ -37,15 +37,14 @@ def shipped_text() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 400, special_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with <|endoftext|> as BOS/EOS, like GPT-NeoX's, and any other
-    special tokens given."""
+def train_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with <|endoftext|> as BOS/EOS, like GPT-NeoX's."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", *special_tokens],
+        special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -90,16 +89,11 @@ def save_tiny_vision(folder: str | Path, **overrides) -> Path:
 
 
 def save_tiny_language_model(
-    folder: str | Path,
-    family: str = "gpt_neox",
-    texts: list[str] | None = None,
-    vocab_size: int = 400,
-    special_tokens: tuple[str, ...] = (),
-    **overrides,
+    folder: str | Path, family: str = "gpt_neox", texts: list[str] | None = None, vocab_size: int = 400, **overrides
 ) -> Path:
     """A tiny causal LM of the family with a tokenizer trained on texts (default: the shipped text)."""
     folder = Path(folder)
-    tokenizer = train_tokenizer(texts or shipped_text(), vocab_size=vocab_size, special_tokens=special_tokens)
+    tokenizer = train_tokenizer(texts or shipped_text(), vocab_size=vocab_size)
     config = tiny_text_config(family, vocab_size=len(tokenizer), **overrides)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -2,33 +2,18 @@
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionModel, pipeline
+from transformers import pipeline
 
 from flaminko.cli import main
-from flaminko.demo import (
-    ATTRIBUTE_COPIES,
-    COLOURS,
-    DEMO_STEPS,
-    HELD_OUT,
-    SHAPES,
-    AttributeClassifier,
-    attribute_samples,
-    draw,
-    korean_font,
-    run_demo,
-    write_attribute_copies,
-)
+from flaminko.demo import COLOURS, DEMO_STEPS, HELD_OUT, SHAPES, korean_font, run_demo
 from flaminko.evaluation import evaluate
-from flaminko.tiny import tiny_vision_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 600
@@ -64,66 +49,15 @@ def test_held_out_pairs_never_reach_training(demo):
     trained = caption_pairs(out / "data" / "train.tsv")
     assert not trained & HELD_OUT
     documents = [json.loads(line) for line in (out / "data" / "train_documents.jsonl").read_text().splitlines()]
-    # The interleaved documents hold each training image once, with its caption, and the copies
-    # of some, each captioned with the one attribute it shows.
+    # The interleaved documents hold each training image once, with its caption.
+    images = [image for document in documents for image in document["images"] if image]
     rows = dict(row.split("\t") for row in (out / "data" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:])
-    pairs = {image: caption for d in documents for image, caption in zip(d["images"][::2], d["texts"][1::2])}
-    originals = {image: caption for image, caption in pairs.items() if image in rows}
-    assert originals == rows and len(pairs) == len(rows) + 2 * round(ATTRIBUTE_COPIES * len(rows))
-    for image, caption in pairs.items():
-        if image not in rows:
-            colour, shape = rows[image.replace("-tiles.png", ".png").replace("-hue.png", ".png")].split(" ")
-            expected = f"{colour} <no_loss>모름</no_loss>" if image.endswith("-tiles.png") else f"<no_loss>모름</no_loss> {shape}"
-            assert caption == expected
+    assert sorted(images) == sorted(rows)
+    for document in documents:
+        for image, caption in zip(document["images"][::2], document["texts"][1::2]):
+            assert rows[image] == caption
     assert {colour for colour, _ in trained} == set(COLOURS) and {shape for _, shape in trained} == set(SHAPES)
     assert caption_pairs(out / "data" / "test_unseen.tsv") == HELD_OUT
-
-
-def drawn_rows(folder, count=8):
-    rng = random.Random(0)
-    (folder / "images").mkdir()
-    rows = []
-    for index in range(count):
-        colour, shape = list(COLOURS)[index % len(COLOURS)], SHAPES[index % len(SHAPES)]
-        draw(colour, shape, rng).save(folder / f"images/{index}.png")
-        rows.append({"image": f"images/{index}.png", "caption": f"{colour} {shape}"})
-    return rows
-
-
-def test_vision_copies_carry_only_the_labels_they_show(tmp_path):
-    rows = drawn_rows(tmp_path)
-    samples = attribute_samples(rows, tmp_path, CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), seed=0)
-    colours = [list(COLOURS).index(row["caption"].split(" ")[0]) for row in rows]
-    shapes = [SHAPES.index(row["caption"].split(" ")[1]) for row in rows]
-    none = [-100] * len(rows)
-    assert [s["colour_labels"] for s in samples] == colours + none + colours  # as drawn, hue-turned, tile-scrambled
-    assert [s["shape_labels"] for s in samples] == shapes + shapes + none
-    drawn, turned, scrambled = (torch.stack([s["pixel_values"] for s in samples[i::len(rows)]]) for i in range(3))
-    # A scrambled copy keeps its image's pixels, moved; a turned one changes them.
-    assert torch.equal(drawn.flatten(1).sort().values, scrambled.flatten(1).sort().values) and not torch.equal(drawn, scrambled)
-    assert not torch.equal(drawn, turned)
-
-
-def test_a_batch_without_labels_for_a_head_adds_no_loss():
-    classifier = AttributeClassifier(CLIPVisionModel(tiny_vision_config()))
-    pixels = torch.randn(2, 3, 32, 32)
-    shape_labels = torch.tensor([0, 3])
-    unlabelled = classifier(pixels, torch.tensor([-100, -100]), shape_labels)["loss"]
-    only_shape = torch.nn.functional.cross_entropy(classifier.shape_head(classifier.vision(pixel_values=pixels).last_hidden_state.mean(1)), shape_labels)
-    assert torch.allclose(unlabelled, only_shape)
-
-
-def test_document_copies_caption_the_attribute_they_show(tmp_path):
-    rows = drawn_rows(tmp_path)
-    copies = write_attribute_copies(tmp_path, rows, seed=0)
-    assert len(copies) == 2 * round(ATTRIBUTE_COPIES * len(rows))
-    captions = {row["image"]: row["caption"] for row in rows}
-    for copy in copies:
-        original = copy["image"].replace("-tiles.png", ".png").replace("-hue.png", ".png")
-        colour, shape = captions[original].split(" ")
-        scrambled = copy["image"].endswith("-tiles.png")
-        assert copy["caption"] == (f"{colour} <no_loss>모름</no_loss>" if scrambled else f"<no_loss>모름</no_loss> {shape}")
-        assert Image.open(tmp_path / copy["image"]).size == Image.open(tmp_path / original).size
 
 
 def test_contact_sheet_font_has_every_caption_character():
