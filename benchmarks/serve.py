@@ -11,7 +11,8 @@ in one generate batch of up to --max-batch-size rows, run until its last row end
 (micro-batching of one row: one request at a time, as transformers serve runs them) -- and has N
 clients (threads with the official `openai` client) each stream R chat completions of one image and a
 short prompt, greedy, all with the same settings (--long-tokens new tokens at most), whose answers are
-alternately short (they end within --short-tokens tokens) and long (they run to --long-tokens), as
+short (they end within --short-tokens tokens) except every --long-every-th, which is long (it runs to
+--long-tokens), as
 answers of one served model end where it stops. The random model does not stop by itself, so the
 benchmark first reads its greedy answers to --candidates prompts (generate) and makes EOS the token
 that splits them best: some answers reach it within --short-tokens, others never within
@@ -28,6 +29,7 @@ import argparse
 import base64
 import contextlib
 import io
+import itertools
 import json
 import math
 import statistics
@@ -134,9 +136,9 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[max(math.ceil(share * len(ordered)), 1) - 1]
 
 
-def measure(url: str, clients: int, requests_per_client: int, workload: dict, new_tokens: int) -> dict:
-    """Request i sends a short-answer prompt when i is even, a long-answer one when odd, each asking for
-    new_tokens at most. A fresh client (connection pool) per
+def measure(url: str, clients: int, requests_per_client: int, workload: dict, new_tokens: int, long_every: int) -> dict:
+    """Request i sends a long-answer prompt when i + 1 is a multiple of long_every, else a short-answer
+    one, each asking for new_tokens at most. A fresh client (connection pool) per
     measurement: connections left idle while another server was measured are past uvicorn's keep-alive
     timeout, and reusing one as the server closes it resets it (no retries here, so that a failure shows)."""
     import openai
@@ -145,8 +147,8 @@ def measure(url: str, clients: int, requests_per_client: int, workload: dict, ne
     total = clients * requests_per_client
     with OtherLoad() as load, ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        short, long = list(workload["short"]), workload["long"]
-        cases = [(short if index % 2 == 0 else long)[index // 2 % len(short if index % 2 == 0 else long)] for index in range(total)]
+        short, long = itertools.cycle(workload["short"]), itertools.cycle(workload["long"])
+        cases = [next(long if (index + 1) % long_every == 0 else short) for index in range(total)]
         timings = list(pool.map(lambda case: one_request(client, case, new_tokens), cases))
         seconds = time.perf_counter() - start
     firsts, latencies = [first for first, _ in timings], [latency for _, latency in timings]
@@ -167,7 +169,8 @@ def main():
     parser.add_argument("--layers", type=int, help="fewer layers (vision and LM) than the shape has")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in a measurement")
-    parser.add_argument("--short-tokens", type=int, default=4, help="the even requests' answers end within this many tokens")
+    parser.add_argument("--short-tokens", type=int, default=4, help="the short answers end within this many tokens")
+    parser.add_argument("--long-every", type=int, default=2, help="every so many requests, one has a long answer (2: half of them)")
     parser.add_argument("--long-tokens", type=int, default=256, help="every request's max_tokens; the odd requests' answers run to it")
     parser.add_argument("--candidates", type=int, default=32, help="prompts whose greedy answers choose the EOS and the requests")
     parser.add_argument("--max-batch-size", type=int, default=8, help="rows of continuous batching and of micro-batching")
@@ -195,7 +198,7 @@ def main():
                 order = list(SERVERS) if round_index % 2 == 0 else list(reversed(SERVERS))
                 for clients in CLIENTS:
                     for name in order:
-                        sample = measure(urls[name], clients, args.requests, workload, args.long_tokens)
+                        sample = measure(urls[name], clients, args.requests, workload, args.long_tokens, args.long_every)
                         samples[name, clients].append(sample)
                         print(json.dumps({"round": round_index, "server": name, "clients": clients, **sample}), flush=True)
     figures = ("requests_per_second", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95")
@@ -229,6 +232,7 @@ def main():
         "requests_per_client": args.requests,
         "short_tokens": args.short_tokens,
         "long_tokens": args.long_tokens,
+        "long_every": args.long_every,
         "eos_token_id": workload["eos_token_id"],
         "short_answers": {str(case): length for case, length in workload["short"].items()},
         "long_answers": workload["long"],
