@@ -9,10 +9,10 @@ are shut down at the end, so nothing is left running."""
 import os
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -74,17 +74,12 @@ def test_a_killed_replica_is_replaced_and_the_requests_it_held_are_answered_when
     first = {replica for _, replica, _ in together(client_of(url), list(range(8)), SHORT)}
     assert len(first) == 2
     cases = list(range(20, 28))
-    expected = [reference(served, case, LONG, do_sample=False) for case in cases]
+    expected = dict(zip(cases, [reference(served, case, LONG, do_sample=False) for case in cases]))
     pids = replica_pids()
     assert len(pids) == 2
-    retrying = openai.OpenAI(base_url=url, api_key="none", max_retries=5, timeout=600)
-    with ThreadPoolExecutor(len(cases)) as pool:
-        futures = [pool.submit(ask, retrying, case, LONG) for case in cases]
-        wait_until_both_replicas_decode(url)
-        os.kill(pids[0], signal.SIGKILL)
-        answers = [future.result() for future in futures]
-    assert [text for text, _, _ in answers] == expected
-    assert any(retries for _, _, retries in answers)  # some were held by the killed replica
+    answers = under_load_while(lambda: os.kill(pids[0], signal.SIGKILL), url, cases)
+    assert all(text == expected[case] for case, text, _, _ in answers)
+    assert any(retries for _, _, _, retries in answers)  # some were held by the killed replica
     deadline = time.monotonic() + 180
     while not (pids[0] not in replica_pids() and len(replica_pids()) == 2 and running_replicas() == 2):
         assert time.monotonic() < deadline, "Ray did not replace the killed replica"
@@ -111,16 +106,35 @@ def test_cli_errors_are_one_line_before_ray_starts(folder, capsys, arguments, me
     assert capsys.readouterr().err.strip().splitlines() == [f"flaminko serve: error: {message}"]
 
 
-def wait_until_both_replicas_decode(url: str) -> None:
-    """Until each replica's /metrics (reached through Ray's proxy, which picks the replica) shows
-    running requests: a fixed sleep lets a loaded machine kill a replica that holds none yet."""
-    running = {}
-    deadline = time.monotonic() + 120
-    while len([replica for replica, rows in running.items() if rows]) < 2:
-        assert time.monotonic() < deadline, f"the requests did not reach both replicas: {running}"
-        response = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=60)
-        rows = next(line for line in response.text.splitlines() if line.startswith("flaminko_running_requests "))
-        running[response.headers["x-flaminko-replica"]] = int(float(rows.split()[1]))
+def under_load_while(action, url: str, cases: list[int], clients: int = 8, after: int = 16) -> list[tuple[int, str, str, int]]:
+    """Keeps `clients` clients sending the cases back to back (retrying as the openai client does), runs
+    `action` once both replicas have answered, and stops once `after` more answers came: as every client
+    always has a request in flight, the action meets requests on both replicas, however fast they are.
+    Returns (case, answer, replica, retries) for every request."""
+    retrying = openai.OpenAI(base_url=url, api_key="none", max_retries=5, timeout=600)
+    answers, stop = [], threading.Event()
+
+    def client(first: int) -> None:
+        index = first
+        while not stop.is_set():
+            case = cases[index % len(cases)]
+            answers.append((case, *ask(retrying, case, LONG)))
+            index += clients
+
+    with ThreadPoolExecutor(clients) as pool:
+        running = [pool.submit(client, first) for first in range(clients)]
+        deadline = time.monotonic() + 120
+        while len({replica for _, _, replica, _ in answers}) < 2:
+            assert time.monotonic() < deadline and not any(loop.done() for loop in running), "both replicas did not answer"
+            time.sleep(0.05)
+        action()
+        done = len(answers)
+        while len(answers) < done + after and not any(loop.done() for loop in running):
+            time.sleep(0.05)
+        stop.set()
+        for loop in running:
+            loop.result()
+    return answers
 
 
 def running_replicas() -> int:
