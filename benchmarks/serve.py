@@ -12,8 +12,7 @@ in one generate batch of up to --max-batch-size rows, run until its last row end
 clients (threads with the official `openai` client) each stream R chat completions of one image and a
 short prompt, greedy, all with the same settings (--long-tokens new tokens at most), whose answers are
 short (they end within --short-tokens tokens) except every --long-every-th, which is long (it runs to
---long-tokens), as
-answers of one served model end where it stops. The random model does not stop by itself, so the
+--long-tokens), as answers of one served model end where it stops. The random model does not stop by itself, so the
 benchmark first reads its greedy answers to --candidates prompts (generate) and makes EOS the token
 that splits them best: some answers reach it within --short-tokens, others never within
 --long-tokens; those prompts are the ones sent. Micro-batching groups requests by their settings, so
@@ -171,7 +170,7 @@ def main():
     parser.add_argument("--requests", type=int, default=2, help="requests per client in a measurement")
     parser.add_argument("--short-tokens", type=int, default=4, help="the short answers end within this many tokens")
     parser.add_argument("--long-every", type=int, default=2, help="every so many requests, one has a long answer (2: half of them)")
-    parser.add_argument("--long-tokens", type=int, default=256, help="every request's max_tokens; the odd requests' answers run to it")
+    parser.add_argument("--long-tokens", type=int, default=256, help="every request's max_tokens; the long answers run to it")
     parser.add_argument("--candidates", type=int, default=32, help="prompts whose greedy answers choose the EOS and the requests")
     parser.add_argument("--max-batch-size", type=int, default=8, help="rows of continuous batching and of micro-batching")
     parser.add_argument("--out", help="JSON results file (e.g. benchmarks/results/serve.json)")
@@ -234,7 +233,7 @@ def main():
         "long_tokens": args.long_tokens,
         "long_every": args.long_every,
         "eos_token_id": workload["eos_token_id"],
-        "short_answers": {str(case): length for case, length in workload["short"].items()},
+        "short_answers": workload["short"],
         "long_answers": workload["long"],
         "max_batch_size": args.max_batch_size,
         "threads": torch.get_num_threads(),
