@@ -35,7 +35,7 @@ from flaminko import FlaminkoForConditionalGeneration, tiny
 from flaminko.conversion import convert_open_flamingo
 from flaminko.conversion.reference import build_open_flamingo
 from gpu import StepClock, bytes_read_per_token, decode_matrices
-from machine import OtherLoad
+from machine import OtherLoad, describe_setup, setup
 
 SHAPES = {
     # ViT-B/16-like vision + 12-layer 768-wide GPT-NeoX.
@@ -359,7 +359,8 @@ def describe_loads(*summaries) -> str:
 
 def markdown(results):
     lines = [
-        f"Shape `{results['shape']}` ({results['layers']} layers each), CPU ({results['threads']} threads), median of {results['repeats']}.",
+        f"Shape `{results['shape']}` ({results['layers']} layers each), CPU ({results['threads']} threads), median of {results['repeats']}; "
+        f"{describe_setup(results['measured_on'])}.",
         "",
         "| batch | images | beams | generate OpenFlamingo (s) | generate Flaminko (s) | speed-up | decode tok/s OF | decode tok/s Flaminko | decode speed-up | same tokens | others' CPU s (max), noisy samples |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -438,6 +439,7 @@ def main():
             "layers": ours.config.text_config.num_hidden_layers,
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,
+            "measured_on": setup(),
             "generation": benchmark(models, tokenizer, image_size, args.repeats),
             "training": training_time(models, tokenizer, image_size, args.repeats),
         }

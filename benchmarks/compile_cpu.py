@@ -23,7 +23,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from gpu import StepClock, build, generation_kwargs, inputs
-from machine import OtherLoad
+from machine import OtherLoad, describe_setup, setup
 
 CACHES = ("dynamic", "static", "compiled")
 
@@ -71,7 +71,7 @@ def main():
             print(f"round {round_index + 1} {cache}: {rate:.1f} tok/s, first token {first * 1e3:.0f} ms ({load.describe()})", flush=True)
     results = {"layers": args.layers, "width_divisor": args.width_divisor, "new_tokens": args.new_tokens,
                "repeats": args.repeats, "threads": torch.get_num_threads(), "compile_backend": args.compile_backend,
-               "same_tokens": all(warm_up[cache]["tokens"] == warm_up["dynamic"]["tokens"] for cache in CACHES),
+               "measured_on": setup(), "same_tokens": all(warm_up[cache]["tokens"] == warm_up["dynamic"]["tokens"] for cache in CACHES),
                "warm_up_seconds": {cache: warm_up[cache]["seconds"] for cache in CACHES}, "runs": []}
     for cache in CACHES:
         rows = samples[cache]
@@ -83,7 +83,8 @@ def main():
         })
     dynamic = results["runs"][0]["decode_tokens_per_s"]
     lines = [f"CPU ({results['threads']} threads), batch 1, one image, {args.layers} layers, widths / {args.width_divisor}, "
-             f"{args.new_tokens} new tokens, median of {args.repeats}; same tokens: {results['same_tokens']}", "",
+             f"{args.new_tokens} new tokens, median of {args.repeats}; same tokens: {results['same_tokens']}; "
+             f"{describe_setup(results['measured_on'])}", "",
              "| decoding | decode tok/s | vs dynamic | first token (ms) | warm-up (s) | others' load (worst sample) |",
              "|---|---|---|---|---|---|"]
     for run in results["runs"]:

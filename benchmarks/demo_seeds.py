@@ -13,28 +13,13 @@ with the minimum and the median and writes every run, with the CPU model and the
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import transformers
-
-from machine import OtherLoad
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import OtherLoad, describe_setup, setup
 
 
 def run_demo(seed: int, threads: int, steps: int | None, work: Path) -> dict:
@@ -57,10 +42,7 @@ def run_demo(seed: int, threads: int, steps: int | None, work: Path) -> dict:
         "seconds": results["seconds"],
         "other_cpu_seconds": load.other_cpu_seconds,
         "other_cores": load.other_cores,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **setup(),
     }
 
 
@@ -84,7 +66,7 @@ def main():
                 # Written after every run, so that a long series stopped midway keeps what it measured.
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(runs, indent=2) + "\n")
-    print(f"{runs[0]['cpu']} ({runs[0]['cpu_count']} cores), torch {torch.__version__}, transformers {transformers.__version__}")
+    print(describe_setup(runs[0]))
     print("| seed | threads | seen combinations (240) | unseen combinations (160) | time | other processes |")
     print("|---|---|---|---|---|---|")
     for run in runs:

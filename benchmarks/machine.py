@@ -10,13 +10,39 @@ samples during which the others used more than a tenth of one core on average.
     print(f"{seconds:.2f} s (others used {load.other_cpu_seconds:.2f} CPU s, {load.other_cores:.2f} cores)")
 """
 
+import datetime
 import os
+import platform
 import time
 
 import psutil
+import torch
+import transformers
 
 # Others busy on average more than this many cores flag a sample as taken on a loaded machine.
 NOISY_OTHER_CORES = 0.1
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def setup() -> dict:
+    """What a figure was measured on: the CPU, the versions that matter and the day."""
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "date": datetime.date.today().isoformat()}
+
+
+def describe_setup(measured_on: dict) -> str:
+    return (f"{measured_on['cpu']} ({measured_on['cpu_count']} cores), torch {measured_on['torch']}, "
+            f"transformers {measured_on['transformers']}, {measured_on['date']}")
 
 
 def _machine_busy_seconds() -> float | None:
