@@ -2,6 +2,7 @@
 clients, short and long answers mixed.
 
     python benchmarks/serve.py --out benchmarks/results/serve.json
+    python benchmarks/serve.py --clients 1 --long-every 1 --requests 1 --out benchmarks/results/serve-one-client-long.json  # one client, a long answer
     python benchmarks/serve.py --layers 2 --rounds 1 --requests 1 --long-tokens 16 --candidates 16    # a quick check that it runs
 
 Builds a Flaminko model of compare.py's shape (random weights, gates open, nothing downloaded),
@@ -43,7 +44,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from compare import SHAPES
-from machine import OtherLoad
+from machine import OtherLoad, setup
 
 from flaminko import FlaminkoForConditionalGeneration, register_auto_classes, tiny
 from flaminko.serving import BackgroundServer, build_app
@@ -167,6 +168,7 @@ def main():
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--layers", type=int, help="fewer layers (vision and LM) than the shape has")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS), help="concurrent clients of each measurement")
     parser.add_argument("--requests", type=int, default=2, help="requests per client in a measurement")
     parser.add_argument("--short-tokens", type=int, default=4, help="the short answers end within this many tokens")
     parser.add_argument("--long-every", type=int, default=2, help="every so many requests, one has a long answer (2: half of them)")
@@ -182,20 +184,20 @@ def main():
         workload = mixed_lengths(folder, args.candidates, args.short_tokens, args.long_tokens)
         print(json.dumps({"workload": workload}), flush=True)
         # The queue holds every client's request: the comparison is of scheduling, not of admission.
-        common = dict(served_model_name="bench", device="cpu", max_total_tokens=args.long_tokens + 128, max_queue=max(CLIENTS))
+        common = dict(served_model_name="bench", device="cpu", max_total_tokens=args.long_tokens + 128, max_queue=max(args.clients))
         settings_of = {
             "continuous": dict(scheduler="continuous", max_batch_size=args.max_batch_size),
             "micro-batching": dict(scheduler="micro-batching", max_batch_size=args.max_batch_size),
             "one-at-a-time": dict(scheduler="micro-batching", max_batch_size=1),
         }
-        samples = {(name, clients): [] for name in SERVERS for clients in CLIENTS}
+        samples = {(name, clients): [] for name in SERVERS for clients in args.clients}
         with contextlib.ExitStack() as servers:
             urls = {name: servers.enter_context(BackgroundServer(build_app(str(folder), **common, **settings_of[name]))) for name in SERVERS}
             for name in SERVERS:  # warm-up: first-call allocations out of the timings
                 one_request(openai.OpenAI(base_url=urls[name], api_key="none", max_retries=0), 0, 2)
             for round_index in range(args.rounds):
                 order = list(SERVERS) if round_index % 2 == 0 else list(reversed(SERVERS))
-                for clients in CLIENTS:
+                for clients in args.clients:
                     for name in order:
                         sample = measure(urls[name], clients, args.requests, workload, args.long_tokens, args.long_every)
                         samples[name, clients].append(sample)
@@ -237,6 +239,7 @@ def main():
         "long_answers": workload["long"],
         "max_batch_size": args.max_batch_size,
         "threads": torch.get_num_threads(),
+        "measured_on": setup(),
     }
     print(f"\n{settings}\nMedians over the quiet samples (all samples where none was quiet).\n{table}")
     if args.out:
