@@ -221,7 +221,7 @@ def main():
         "|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
-        f"| {row['server']} | {row['clients']} | " + " | ".join(f"{row[figure]:.2f}" for figure in figures)
+        f"| {row['server']} | {row['clients']} | " + " | ".join(f"{row[figure]:.3g}" if figure == "requests_per_second" else f"{row[figure]:.2f}" for figure in figures)
         + f" | {row['samples']} ({row['noisy_samples']}) | {'; '.join(row['loads'])} |"
         for row in rows
     ]
