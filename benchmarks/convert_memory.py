@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from machine import setup
+
 VISION_WIDTH, INNER = 1024, 512
 ADDED_TOKENS = 3  # <|endofchunk|>, <image>, <PAD>
 SHAPES = {
@@ -169,7 +171,7 @@ def main():
         sys.exit(result.stderr[-3000:])
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     weight_bytes = measured["parameters"] * torch.finfo(getattr(torch, args.dtype)).bits // 8
-    measured.update(shape=args.shape, layers=args.layers, dtype=args.dtype, weight_bytes=weight_bytes)
+    measured.update(shape=args.shape, layers=args.layers, dtype=args.dtype, weight_bytes=weight_bytes, measured_on=setup())
     measured["peak_over_weights"] = measured["peak_rss"] / weight_bytes
     (work / "results.json").write_text(json.dumps(measured, indent=2))
     print("| shape | layers | dtype | parameters | weight bytes | peak RSS | peak / weights | peak anonymous |")
