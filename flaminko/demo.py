@@ -6,7 +6,9 @@ Flamingo's, in miniature: an LM (with a tokenizer trained on the captions) is pr
 holding every colour-shape phrase, and a vision tower on naming colours and shapes (standing in for
 GPT-NeoX and CLIP, which cannot be downloaded here); both are frozen, and the resampler and gated
 cross-attention of a small Flaminko are trained with the Trainer on interleaved documents of
-captioned images, laid out as few-shot prompts are. The model is saved, reloaded through
+captioned images, laid out as few-shot prompts are; some images come twice, the second time after
+another colour word that carries no loss, so that the shape is named from the image whatever colour
+word precedes it. The model is saved, reloaded through
 AutoModelForImageTextToText / AutoProcessor, and asked to caption new images, the held-out
 combinations among them. Prints the exact-match accuracy and writes a contact sheet.
 """
@@ -36,6 +38,7 @@ from transformers import (
 )
 
 from . import tiny
+from .data import NO_LOSS_END, NO_LOSS_START
 from .inference import generate_captions
 from .processing_flaminko import END_OF_CHUNK_TOKEN
 from .training import DataArguments, ModelArguments, internal_file_bars_off, train
@@ -62,6 +65,11 @@ PHRASES_PER_TEXT = 8
 MAX_DOCUMENT_IMAGES = 9
 DOCUMENTS_PER_BATCH = 8  # 5 images a document on average: about as many captions a step as 32 pairs
 SHADE_JITTER = 20
+# This share of the training images enters the documents a second time, captioned with another
+# colour word in no-loss tags and its own shape. Seen combinations alone teach the cross-attention
+# that a shape never follows the colour it was held out for; these captions put every shape after
+# every colour word, the shape still to be read from the image.
+SWAPPED_COLOUR_SHARE = 0.25
 OUTLINE = (20, 20, 20)
 # Both pretrained backbones are frozen, as in Flamingo. A frozen LM keeps what its text taught it:
 # any shape may follow a colour word. Trained along with the captions, it learned that the shape held
@@ -127,12 +135,44 @@ def write_dataset(folder: Path, seed: int, train_per_combination: int = 300, tes
     return splits
 
 
+def write_vision_pretraining_images(folder: Path, seed: int, per_combination: int = 300) -> list[dict]:
+    """vision.tsv: images of every combination, the held-out ones too, for the vision tower's
+    pretraining only, drawn from a stream of their own (the captioner's data stays as it is): a real
+    Flamingo's frozen CLIP has seen every colour on every shape, though never named as a pair."""
+    rng = random.Random(f"vision-{seed}")
+    rows = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for index in range(per_combination):
+                name = f"images/vision-{colour}-{shape}-{index}.png"
+                draw(colour, shape, rng).save(folder / name)
+                rows.append({"image": name, "caption": f"{colour} {shape}"})
+    with open(folder / "vision.tsv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["image", "caption"], delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def swapped_colour_rows(rows: list[dict], seed: int) -> list[dict]:
+    """A share SWAPPED_COLOUR_SHARE of the rows again, each captioned with a colour word other than its
+    image's, in no-loss tags, and the shape its image shows."""
+    rng = random.Random(seed)
+    swapped = []
+    for row in rng.sample(rows, round(SWAPPED_COLOUR_SHARE * len(rows))):
+        colour, shape = row["caption"].split(" ")
+        other = rng.choice([name for name in COLOURS if name != colour])
+        swapped.append({"image": row["image"], "caption": f"{NO_LOSS_START}{other}{NO_LOSS_END} {shape}"})
+    return swapped
+
+
 def write_documents(folder: Path, rows: list[dict], seed: int) -> Path:
     """train_documents.jsonl: the training images and captions again, grouped into interleaved
     documents of 1 to MAX_DOCUMENT_IMAGES image-caption pairs ("<image>caption<|endofchunk|>" each,
-    as a few-shot prompt is laid out), each image in one document."""
+    as a few-shot prompt is laid out): each image once with its caption, and the swapped-colour
+    rows (swapped_colour_rows) among them."""
     rng = random.Random(seed)
-    rows = rows[:]
+    rows = rows + swapped_colour_rows(rows, seed)
     rng.shuffle(rows)
     path = folder / "train_documents.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
@@ -286,16 +326,20 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
     print(f"3/7 pretraining the LM on text: every colour-shape phrase, {LANGUAGE_STEPS} steps")
     pretrain_language_model(language, out / "language-pretraining", LANGUAGE_STEPS, seed)
     print(f"4/7 pretraining the vision tower to name colours and shapes, {steps} steps")
-    pretrain_vision(vision, splits["train.tsv"], out / "data", out / "vision-pretraining", steps, seed)
+    vision_rows = write_vision_pretraining_images(out / "data", seed)
+    pretrain_vision(vision, vision_rows, out / "data", out / "vision-pretraining", steps, seed)
     print(
         f"5/7 fine-tuning Flaminko's resampler and cross-attention (LM and vision tower frozen) with the Trainer "
-        f"on interleaved documents of 1-{MAX_DOCUMENT_IMAGES} captioned images, {steps} steps"
+        f"on interleaved documents of 1-{MAX_DOCUMENT_IMAGES} captioned images ({SWAPPED_COLOUR_SHARE:.0%} of them again "
+        f"after another colour word, without loss), {steps} steps"
     )
     model_args = ModelArguments(
         vision_model=str(vision), language_model=str(language), config_overrides=json.dumps(DEMO_CONFIG)
     )
     data_args = DataArguments(train_data=str(documents), data_format="interleaved", max_images=MAX_DOCUMENT_IMAGES)
-    _, final = train(model_args, data_args, training_arguments(out / "run", steps, seed, DOCUMENTS_PER_BATCH))
+    flaminko_args = training_arguments(out / "run", steps, seed, DOCUMENTS_PER_BATCH)
+    flaminko_args.weight_decay = 0.1
+    _, final = train(model_args, data_args, flaminko_args)
     print(f"6/7 saved to {final}; reloading through AutoModelForImageTextToText and AutoProcessor")
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
     processor = AutoProcessor.from_pretrained(final)

@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import pipeline
 
 from flaminko.cli import main
-from flaminko.demo import COLOURS, DEMO_STEPS, HELD_OUT, SHAPES, korean_font, run_demo
+from flaminko.data import split_no_loss
+from flaminko.demo import COLOURS, DEMO_STEPS, HELD_OUT, SHAPES, SWAPPED_COLOUR_SHARE, korean_font, run_demo
 from flaminko.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +50,22 @@ def test_held_out_pairs_never_reach_training(demo):
     trained = caption_pairs(out / "data" / "train.tsv")
     assert not trained & HELD_OUT
     documents = [json.loads(line) for line in (out / "data" / "train_documents.jsonl").read_text().splitlines()]
-    # The interleaved documents hold each training image once, with its caption.
-    images = [image for document in documents for image in document["images"] if image]
     rows = dict(row.split("\t") for row in (out / "data" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:])
-    assert sorted(images) == sorted(rows)
+    # The interleaved documents hold each training image with its caption, and a share of them again
+    # after another colour word that carries no loss: an image is only ever named by its own shape.
+    own, swapped = [], []
     for document in documents:
         for image, caption in zip(document["images"][::2], document["texts"][1::2]):
-            assert rows[image] == caption
+            if caption == rows[image]:
+                own.append(image)
+                continue
+            clean, spans = split_no_loss(caption)
+            colour, shape = clean.split(" ")
+            assert spans == [(0, len(colour))] and colour != rows[image].split(" ")[0], caption
+            assert shape == rows[image].split(" ")[1], (image, caption)
+            swapped.append(image)
+    assert sorted(own) == sorted(rows)
+    assert len(swapped) == round(SWAPPED_COLOUR_SHARE * len(rows)) and len(set(swapped)) == len(swapped)
     assert {colour for colour, _ in trained} == set(COLOURS) and {shape for _, shape in trained} == set(SHAPES)
     assert caption_pairs(out / "data" / "test_unseen.tsv") == HELD_OUT
 
