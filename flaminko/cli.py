@@ -33,7 +33,7 @@ PRESET_NAMES = (
 def _add_demo(commands):
     demo = commands.add_parser("demo", help="train a small Korean captioner offline and caption unseen combinations")
     demo.add_argument("--out", default="flaminko-demo", help="folder for the data, backbones, model and contact sheet")
-    demo.add_argument("--steps", type=int, help="Flaminko training steps (default 3000; the vision tower pretrains as many)")
+    demo.add_argument("--steps", type=int, help="Flaminko training steps (default 1500; the vision tower pretrains twice as many)")
     demo.add_argument("--seed", type=int, default=0)
 
 
