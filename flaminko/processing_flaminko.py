@@ -413,11 +413,17 @@ class FlaminkoProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """ProcessorMixin's, with Flaminko's conversation template unless the processor or the call has
-        another; the messages are checked first (roles, content parts), so a malformed one is named."""
+        another; the messages are checked first (roles, content parts), so a malformed one is named.
+        With tokenize=True and no return_tensors, input_ids hold each conversation's own tokens as a
+        list, unpadded, as transformers' processors return them (pixel_values stay a tensor)."""
         conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
         for messages in conversations:
             _check_messages(messages)
         chat_template = chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE
+        if kwargs.get("tokenize") and kwargs.get("return_tensors", "auto") == "auto":
+            # Tools pad such lists themselves (TRL's GRPO trainer): the call's own padded tensors would
+            # hand them the padding of a shorter conversation as its tokens.
+            kwargs["processor_kwargs"] = {"padding": False, "return_tensors": None, **(kwargs.get("processor_kwargs") or {})}
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):

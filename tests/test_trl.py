@@ -41,9 +41,19 @@ def preferences():
     return datasets.Dataset.from_list(rows)
 
 
+def question(text):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+# Each of a different length, so that any two prompts GRPO generates for together differ in length.
+QUESTIONS = ["색?", "무슨 색?", "무슨 색이야?", "이건 무슨 색?", "이 네모는 무슨 색?", "그림 속 네모는 무슨 색이야?"]
+
+
 def image_prompts():
-    rows = [{"prompt": QUESTION, "images": [solid(colour, (32, 32))]} for colour in COLOURS.values()]
-    return datasets.Dataset.from_list(rows * 2)
+    colours = list(COLOURS.values()) * 2
+    return datasets.Dataset.from_list(
+        [{"prompt": question(text), "images": [solid(colour, (32, 32))]} for text, colour in zip(QUESTIONS, colours)]
+    )
 
 
 def common_args(tmp_path):
@@ -154,11 +164,12 @@ def test_dpo_trains_on_image_preference_pairs(model_and_processor, tmp_path):
 def test_grpo_generates_with_the_images_and_trains(model_and_processor, tmp_path):
     model, processor = model_and_processor
     before, trainable = snapshot(model)
-    images_seen = []
+    images_seen, prompts_seen = [], []
     generate = model.generate
 
     def generate_and_record(*args, **kwargs):
         images_seen.append(kwargs.get("pixel_values"))
+        prompts_seen.append([ids[mask.bool()].tolist() for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"])])
         return generate(*args, **kwargs)
 
     model.generate = generate_and_record
@@ -167,7 +178,8 @@ def test_grpo_generates_with_the_images_and_trains(model_and_processor, tmp_path
         # Sampled completions of one prompt differ in length: the advantages are not all zero.
         return [float(len(completion[0]["content"])) for completion in completions]
 
-    args = trl.GRPOConfig(**common_args(tmp_path), num_generations=4, generation_batch_size=4, max_completion_length=6)
+    # Two prompts a generation: each must reach generate as its own tokens, none of the other's padding.
+    args = trl.GRPOConfig(**common_args(tmp_path), num_generations=4, generation_batch_size=8, max_completion_length=6)
     trainer = trl.GRPOTrainer(
         model=model,
         reward_funcs=length,
@@ -177,4 +189,13 @@ def test_grpo_generates_with_the_images_and_trains(model_and_processor, tmp_path
     )
     trainer.train()
     assert images_seen and all(pixels is not None and pixels.ndim == 5 for pixels in images_seen)
+    image = solid("red", (32, 32))
+    alone = [
+        processor(text=processor.apply_chat_template(question(text), add_generation_prompt=True, tokenize=False), images=[image])[
+            "input_ids"
+        ][0].tolist()
+        for text in QUESTIONS
+    ]
+    assert all(len({len(ids) for ids in rows}) == 2 for rows in prompts_seen), prompts_seen
+    assert all(ids in alone for rows in prompts_seen for ids in rows), (prompts_seen, alone)
     assert_trained_only_the_trainable(model, before, trainable)
