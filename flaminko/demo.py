@@ -131,11 +131,16 @@ def write_dataset(folder: Path, seed: int, train_per_combination: int = 300, tes
                     splits[split].append({"image": name, "caption": f"{colour} {shape}"})
     for split, rows in splits.items():
         rng.shuffle(rows)
-        with open(folder / split, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, ["image", "caption"], delimiter="\t")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_table(folder / split, rows)
     return splits
+
+
+def write_table(path: Path, rows: list[dict]):
+    """A caption table as `flaminko train` and `flaminko eval` read it: image and caption, tab-separated."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["image", "caption"], delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_vision_pretraining_images(folder: Path, seed: int, per_combination: int = 300) -> list[dict]:
@@ -150,10 +155,7 @@ def write_vision_pretraining_images(folder: Path, seed: int, per_combination: in
                 name = f"images/vision-{colour}-{shape}-{index}.png"
                 draw(colour, shape, rng).save(folder / name)
                 rows.append({"image": name, "caption": f"{colour} {shape}"})
-    with open(folder / "vision.tsv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, ["image", "caption"], delimiter="\t")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(folder / "vision.tsv", rows)
     return rows
 
 

@@ -11,7 +11,13 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 COLOURS = {"빨간색": "red", "파란색": "blue", "초록색": "green"}
-QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "무슨 색?"}]}]
+
+
+def question(text):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+QUESTION = question("무슨 색?")
 
 
 def answer(text):
@@ -39,10 +45,6 @@ def preferences():
         for index, name in enumerate(names * 2)
     ]
     return datasets.Dataset.from_list(rows)
-
-
-def question(text):
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 # Each of a different length, so that any two prompts GRPO generates for together differ in length.
