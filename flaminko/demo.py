@@ -64,6 +64,11 @@ DEMO_STEPS = 1500  # Flaminko training steps
 VISION_STEPS_PER_STEP = 2
 LANGUAGE_STEPS = 300  # the LM's pretraining on text
 PHRASES_PER_TEXT = 8
+# A text repeats 1 to this many phrases. Read in random order alone, every colour word was as likely as
+# any other wherever one came, and the LM's output vectors for the colours (and the shapes) stayed
+# almost alike: the cross-attention could not lift the right colour's odds past about 2 to 1, and which
+# held-out pair came out wrong changed with the CPU. A real LM has read words recur, and tells each apart.
+DISTINCT_PHRASES_PER_TEXT = 3
 # Training documents hold up to this many image-caption pairs: as many as an 8-shot prompt's images.
 MAX_DOCUMENT_IMAGES = 9
 DOCUMENTS_PER_BATCH = 8  # 5 images a document on average: about as many captions a step as 32 pairs
@@ -73,6 +78,15 @@ SHADE_JITTER = 20
 # that a shape never follows the colour it was held out for; these captions put every shape after
 # every colour word, the shape still to be read from the image.
 SWAPPED_COLOUR_SHARE = 0.25
+# This share of the training images enters the documents a second time in greyscale, captioned with a
+# random colour word in no-loss tags and its own shape: shapes named with no colour to read.
+GREY_SHARE = 0.25
+# As many images as this share of the training images are flat fields of one colour (its shade
+# jittered), captioned with that colour word and a shape word in no-loss tags. Seen combinations alone
+# teach the cross-attention which colours each shape comes in, and it named one of those for a held-out
+# pair (pink squares read as yellow, sky-blue or blue squares); with no shape to read, these name a
+# colour from the colour alone, as the greyscale rows name a shape from the shape alone.
+FLAT_COLOUR_SHARE = 0.25
 OUTLINE = (20, 20, 20)
 # Both pretrained backbones are frozen, as in Flamingo. A frozen LM keeps what its text taught it:
 # any shape may follow a colour word. Trained along with the captions, it learned that the shape held
@@ -171,13 +185,41 @@ def swapped_colour_rows(rows: list[dict], seed: int) -> list[dict]:
     return swapped
 
 
+def grey_rows(folder: Path, rows: list[dict], seed: int) -> list[dict]:
+    """A share GREY_SHARE of the rows again, each image in greyscale (written beside it) and captioned
+    with a random colour word in no-loss tags and the shape its image shows."""
+    rng = random.Random(f"grey-{seed}")
+    grey = []
+    for row in rng.sample(rows, round(GREY_SHARE * len(rows))):
+        shape = row["caption"].split(" ")[1]
+        name = row["image"].replace(".png", "-grey.png")
+        Image.open(folder / row["image"]).convert("L").convert("RGB").save(folder / name)
+        grey.append({"image": name, "caption": f"{NO_LOSS_START}{rng.choice(list(COLOURS))}{NO_LOSS_END} {shape}"})
+    return grey
+
+
+def flat_colour_rows(folder: Path, count: int, seed: int) -> list[dict]:
+    """`count` images of one colour all over, in a random shade of a random colour, each captioned with
+    its colour word and a random shape word in no-loss tags; their PNGs are written to folder/images."""
+    rng = random.Random(f"flat-{seed}")
+    rows = []
+    for index in range(count):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        fill = tuple(min(255, max(0, value + rng.randint(-SHADE_JITTER, SHADE_JITTER))) for value in COLOURS[colour])
+        name = f"images/flat-{colour}-{index}.png"
+        Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), fill).save(folder / name)
+        rows.append({"image": name, "caption": f"{colour} {NO_LOSS_START}{shape}{NO_LOSS_END}"})
+    return rows
+
+
 def write_documents(folder: Path, rows: list[dict], seed: int) -> Path:
     """train_documents.jsonl: the training images and captions again, grouped into interleaved
     documents of 1 to MAX_DOCUMENT_IMAGES image-caption pairs ("<image>caption<|endofchunk|>" each,
     as a few-shot prompt is laid out): each image once with its caption, and the swapped-colour
-    rows (swapped_colour_rows) among them."""
+    (swapped_colour_rows), greyscale (grey_rows) and flat-colour rows (flat_colour_rows) among them."""
+    flat = flat_colour_rows(folder, round(FLAT_COLOUR_SHARE * len(rows)), seed)
     rng = random.Random(seed)
-    rows = rows + swapped_colour_rows(rows, seed)
+    rows = rows + swapped_colour_rows(rows, seed) + grey_rows(folder, rows, seed) + flat
     rng.shuffle(rows)
     path = folder / "train_documents.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
@@ -202,7 +244,8 @@ def save_backbones(folder: Path, captions: list[str]):
 def pretrain_language_model(language: Path, out: Path, steps: int, seed: int):
     """Trains the LM in `language` (and its tokenizer) on text alone, every colour-shape phrase
     equally often (the held-out ones too), and saves it back: a real Flamingo's frozen LM has read
-    every phrase of its language before it sees an image, so no shape is unlikely after a colour word."""
+    every phrase of its language before it sees an image, so no shape is unlikely after a colour word.
+    Each text repeats 1 to DISTINCT_PHRASES_PER_TEXT phrases in random order."""
     tokenizer = AutoTokenizer.from_pretrained(language)
     # Phrases end with <|endofchunk|>, as captions do in Flaminko's documents: the frozen LM knows
     # where one ends.
@@ -212,7 +255,10 @@ def pretrain_language_model(language: Path, out: Path, steps: int, seed: int):
     args = training_arguments(out, steps, seed)
     args.remove_unused_columns = False  # the samples are plain strings, turned into tensors by collate
     rng = random.Random(seed)
-    texts = ["".join(rng.choices(phrases, k=PHRASES_PER_TEXT)) for _ in range(steps * args.per_device_train_batch_size)]
+    texts = []
+    for _ in range(steps * args.per_device_train_batch_size):
+        recurring = rng.sample(phrases, rng.randint(1, DISTINCT_PHRASES_PER_TEXT))
+        texts.append("".join(rng.choices(recurring, k=PHRASES_PER_TEXT)))
     # Padding for these batches only (their labels skip it); the saved tokenizer keeps none, and
     # Flaminko's processor adds its own.
     tokenizer.pad_token = tokenizer.eos_token
@@ -328,7 +374,7 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
     documents = write_documents(out / "data", splits["train.tsv"], seed)
     print("2/7 tokenizer trained on the captions; small CLIP vision tower and GPT-NeoX LM from configs")
     vision, language = save_backbones(out / "backbones", [row["caption"] for row in splits["train.tsv"]])
-    print(f"3/7 pretraining the LM on text: every colour-shape phrase, {LANGUAGE_STEPS} steps")
+    print(f"3/7 pretraining the LM on text: every colour-shape phrase, a few recurring in each text, {LANGUAGE_STEPS} steps")
     pretrain_language_model(language, out / "language-pretraining", LANGUAGE_STEPS, seed)
     vision_steps = VISION_STEPS_PER_STEP * steps
     print(f"4/7 pretraining the vision tower to name colours and shapes, {vision_steps} steps")
@@ -336,8 +382,9 @@ def run_demo(out: str = "flaminko-demo", steps: int = DEMO_STEPS, seed: int = 0)
     pretrain_vision(vision, vision_rows, out / "data", out / "vision-pretraining", vision_steps, seed)
     print(
         f"5/7 fine-tuning Flaminko's resampler and cross-attention (LM and vision tower frozen) with the Trainer "
-        f"on interleaved documents of 1-{MAX_DOCUMENT_IMAGES} captioned images ({SWAPPED_COLOUR_SHARE:.0%} of them again "
-        f"after another colour word, without loss), {steps} steps"
+        f"on interleaved documents of 1-{MAX_DOCUMENT_IMAGES} captioned images and, with one word of each caption "
+        f"carrying no loss, {SWAPPED_COLOUR_SHARE:.0%} of them again after another colour word, {GREY_SHARE:.0%} again in "
+        f"greyscale and {FLAT_COLOUR_SHARE:.0%} as many flat fields of one colour, {steps} steps"
     )
     model_args = ModelArguments(
         vision_model=str(vision), language_model=str(language), config_overrides=json.dumps(DEMO_CONFIG)

@@ -13,7 +13,9 @@ from transformers import pipeline
 
 from flaminko.cli import main
 from flaminko.data import split_no_loss
-from flaminko.demo import COLOURS, DEMO_STEPS, HELD_OUT, SHAPES, SWAPPED_COLOUR_SHARE, korean_font, run_demo
+from flaminko.demo import (
+    COLOURS, DEMO_STEPS, FLAT_COLOUR_SHARE, GREY_SHARE, HELD_OUT, SHADE_JITTER, SHAPES, SWAPPED_COLOUR_SHARE, korean_font, run_demo,
+)
 from flaminko.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,21 +53,38 @@ def test_held_out_pairs_never_reach_training(demo):
     assert not trained & HELD_OUT
     documents = [json.loads(line) for line in (out / "data" / "train_documents.jsonl").read_text().splitlines()]
     rows = dict(row.split("\t") for row in (out / "data" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:])
-    # The interleaved documents hold each training image with its caption, and a share of them again
-    # after another colour word that carries no loss: an image is only ever named by its own shape.
-    own, swapped = [], []
+    # The interleaved documents hold each training image with its caption; a share of them again
+    # after another colour word that carries no loss, and again in greyscale after a colour word that
+    # carries no loss (an image is only ever named by its own shape); and flat fields of one colour
+    # whose shape word carries no loss.
+    own, swapped, grey, flat = [], [], [], []
     for document in documents:
         for image, caption in zip(document["images"][::2], document["texts"][1::2]):
+            clean, spans = split_no_loss(caption)
+            colour, shape = clean.split(" ")
+            if image.endswith("-grey.png"):
+                original = image.replace("-grey.png", ".png")
+                assert spans == [(0, len(colour))] and shape == rows[original].split(" ")[1], (image, caption)
+                pixels = Image.open(out / "data" / image).getdata()
+                assert all(red == green == blue for red, green, blue in pixels), image
+                grey.append(original)
+                continue
+            if image not in rows:
+                assert spans == [(len(colour) + 1, len(clean))] and shape in SHAPES, caption
+                pixels = Image.open(out / "data" / image).getcolors()
+                assert len(pixels) == 1 and max(abs(a - b) for a, b in zip(pixels[0][1], COLOURS[colour])) <= SHADE_JITTER, (image, pixels)
+                flat.append(image)
+                continue
             if caption == rows[image]:
                 own.append(image)
                 continue
-            clean, spans = split_no_loss(caption)
-            colour, shape = clean.split(" ")
             assert spans == [(0, len(colour))] and colour != rows[image].split(" ")[0], caption
             assert shape == rows[image].split(" ")[1], (image, caption)
             swapped.append(image)
     assert sorted(own) == sorted(rows)
     assert len(swapped) == round(SWAPPED_COLOUR_SHARE * len(rows)) and len(set(swapped)) == len(swapped)
+    assert len(set(grey)) == len(grey) == round(GREY_SHARE * len(rows))
+    assert len(set(flat)) == len(flat) == round(FLAT_COLOUR_SHARE * len(rows))
     assert {colour for colour, _ in trained} == set(COLOURS) and {shape for _, shape in trained} == set(SHAPES)
     assert caption_pairs(out / "data" / "test_unseen.tsv") == HELD_OUT
 
