@@ -84,8 +84,8 @@ GREY_SHARE = 0.25
 # As many images as this share of the training images are flat fields of one colour (its shade
 # jittered), captioned with that colour word and a shape word in no-loss tags. Seen combinations alone
 # teach the cross-attention which colours each shape comes in, and it named one of those for a held-out
-# pair (pink squares read as yellow, sky-blue or blue squares); with no shape to read, these name a
-# colour from the colour alone, as the greyscale rows name a shape from the shape alone.
+# pair (pink squares read as yellow, red, purple, sky-blue or blue squares); with no shape to read,
+# these name a colour from the colour alone, as the greyscale rows name a shape from the shape alone.
 FLAT_COLOUR_SHARE = 0.25
 OUTLINE = (20, 20, 20)
 # Both pretrained backbones are frozen, as in Flamingo. A frozen LM keeps what its text taught it:
