@@ -241,24 +241,30 @@ def save_backbones(folder: Path, captions: list[str]):
     return vision, language
 
 
-def pretrain_language_model(language: Path, out: Path, steps: int, seed: int):
-    """Trains the LM in `language` (and its tokenizer) on text alone, every colour-shape phrase
-    equally often (the held-out ones too), and saves it back: a real Flamingo's frozen LM has read
-    every phrase of its language before it sees an image, so no shape is unlikely after a colour word.
-    Each text repeats 1 to DISTINCT_PHRASES_PER_TEXT phrases in random order."""
-    tokenizer = AutoTokenizer.from_pretrained(language)
-    # Phrases end with <|endofchunk|>, as captions do in Flaminko's documents: the frozen LM knows
-    # where one ends.
-    tokenizer.add_tokens([END_OF_CHUNK_TOKEN], special_tokens=True)
-    tokenizer.save_pretrained(language)
+def language_texts(count: int, seed: int) -> list[str]:
+    """`count` texts of PHRASES_PER_TEXT colour-shape phrases, each closed by <|endofchunk|> (as
+    captions are in Flaminko's documents, so the frozen LM knows where one ends): each text repeats 1
+    to DISTINCT_PHRASES_PER_TEXT phrases drawn from all of them, the held-out ones too, in random order."""
     phrases = [f"{colour} {shape}{END_OF_CHUNK_TOKEN}" for colour in COLOURS for shape in SHAPES]
-    args = training_arguments(out, steps, seed)
-    args.remove_unused_columns = False  # the samples are plain strings, turned into tensors by collate
     rng = random.Random(seed)
     texts = []
-    for _ in range(steps * args.per_device_train_batch_size):
+    for _ in range(count):
         recurring = rng.sample(phrases, rng.randint(1, DISTINCT_PHRASES_PER_TEXT))
         texts.append("".join(rng.choices(recurring, k=PHRASES_PER_TEXT)))
+    return texts
+
+
+def pretrain_language_model(language: Path, out: Path, steps: int, seed: int):
+    """Trains the LM in `language` (and its tokenizer) on text alone (language_texts), every
+    colour-shape phrase equally often (the held-out ones too), and saves it back: a real Flamingo's
+    frozen LM has read every phrase of its language before it sees an image, so no shape is unlikely
+    after a colour word."""
+    tokenizer = AutoTokenizer.from_pretrained(language)
+    tokenizer.add_tokens([END_OF_CHUNK_TOKEN], special_tokens=True)
+    tokenizer.save_pretrained(language)
+    args = training_arguments(out, steps, seed)
+    args.remove_unused_columns = False  # the samples are plain strings, turned into tensors by collate
+    texts = language_texts(steps * args.per_device_train_batch_size, seed)
     # Padding for these batches only (their labels skip it); the saved tokenizer keeps none, and
     # Flaminko's processor adds its own.
     tokenizer.pad_token = tokenizer.eos_token

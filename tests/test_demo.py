@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from transformers import pipeline
 from flaminko.cli import main
 from flaminko.data import split_no_loss
 from flaminko.demo import (
-    COLOURS, DEMO_STEPS, FLAT_COLOUR_SHARE, GREY_SHARE, HELD_OUT, IMAGE_SIZE, SHADE_JITTER, SHAPES, SWAPPED_COLOUR_SHARE, korean_font, run_demo,
+    COLOURS, DEMO_STEPS, DISTINCT_PHRASES_PER_TEXT, FLAT_COLOUR_SHARE, GREY_SHARE, HELD_OUT, IMAGE_SIZE, PHRASES_PER_TEXT,
+    SHADE_JITTER, SHAPES, SWAPPED_COLOUR_SHARE, korean_font, language_texts, run_demo,
 )
+from flaminko.processing_flaminko import END_OF_CHUNK_TOKEN
 from flaminko.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +90,22 @@ def test_held_out_pairs_never_reach_training(demo):
     assert len(set(flat)) == len(flat) == round(FLAT_COLOUR_SHARE * len(rows))
     assert {colour for colour, _ in trained} == set(COLOURS) and {shape for _, shape in trained} == set(SHAPES)
     assert caption_pairs(out / "data" / "test_unseen.tsv") == HELD_OUT
+
+
+def test_language_texts_repeat_a_few_phrases_and_hold_every_phrase_equally_often():
+    """The LM's pretraining: a text repeats a few phrases (so the LM learns to tell each word apart),
+    and over all texts every colour-shape phrase, held-out ones included, is about equally frequent."""
+    texts = language_texts(9600, seed=0)  # as many as the demo trains its LM on
+    counts = Counter()
+    for text in texts:
+        phrases = text.split(END_OF_CHUNK_TOKEN)[:-1]
+        assert len(phrases) == PHRASES_PER_TEXT and text.endswith(END_OF_CHUNK_TOKEN)
+        assert 1 <= len(set(phrases)) <= DISTINCT_PHRASES_PER_TEXT, text
+        counts.update(tuple(phrase.split(" ")) for phrase in phrases)
+    assert set(counts) == {(colour, shape) for colour in COLOURS for shape in SHAPES} and HELD_OUT <= set(counts)
+    expected = len(texts) * PHRASES_PER_TEXT / len(counts)
+    assert all(abs(count - expected) < 0.2 * expected for count in counts.values()), counts
+    assert any(len(set(text.split(END_OF_CHUNK_TOKEN)[:-1])) == 1 for text in texts)
 
 
 def test_contact_sheet_font_has_every_caption_character():
