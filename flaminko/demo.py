@@ -104,6 +104,11 @@ DEMO_CONFIG = {
 }
 
 
+def shade(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    """A random shade of one of COLOURS: each channel moved by up to SHADE_JITTER."""
+    return tuple(min(255, max(0, value + rng.randint(-SHADE_JITTER, SHADE_JITTER))) for value in COLOURS[colour])
+
+
 def draw(colour: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """A shape in a random shade of one colour, outlined, on a random light-grey-ish background, at a
     random place and size."""
@@ -111,7 +116,7 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE) ->
     image = Image.new("RGB", (size, size), background)
     radius = rng.uniform(0.3, 0.38) * size
     cx, cy = (rng.uniform(radius, size - radius) for _ in range(2))
-    fill = tuple(min(255, max(0, value + rng.randint(-SHADE_JITTER, SHADE_JITTER))) for value in COLOURS[colour])
+    fill = shade(colour, rng)
     style = {"fill": fill, "outline": OUTLINE, "width": 2}
     canvas = ImageDraw.Draw(image)
     if shape == "원":
@@ -205,7 +210,7 @@ def flat_colour_rows(folder: Path, count: int, seed: int) -> list[dict]:
     rows = []
     for index in range(count):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        fill = tuple(min(255, max(0, value + rng.randint(-SHADE_JITTER, SHADE_JITTER))) for value in COLOURS[colour])
+        fill = shade(colour, rng)
         name = f"images/flat-{colour}-{index}.png"
         Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), fill).save(folder / name)
         rows.append({"image": name, "caption": f"{colour} {NO_LOSS_START}{shape}{NO_LOSS_END}"})

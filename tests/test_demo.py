@@ -18,8 +18,8 @@ from flaminko.demo import (
     COLOURS, DEMO_STEPS, DISTINCT_PHRASES_PER_TEXT, FLAT_COLOUR_SHARE, GREY_SHARE, HELD_OUT, IMAGE_SIZE, PHRASES_PER_TEXT,
     SHADE_JITTER, SHAPES, SWAPPED_COLOUR_SHARE, korean_font, language_texts, run_demo,
 )
-from flaminko.processing_flaminko import END_OF_CHUNK_TOKEN
 from flaminko.evaluation import evaluate
+from flaminko.processing_flaminko import END_OF_CHUNK_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 600
