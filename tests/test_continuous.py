@@ -197,6 +197,30 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(model_and_processor
     assert waiting.tokens == alone(model, waiting_inputs, greedy(6))
 
 
+def test_an_answer_that_its_first_token_ends_runs_no_decoding_forward(model_and_processor):
+    """The first token is read right after the prefill: a row that it ends (here by max_new_tokens=1)
+    leaves before the step's decoding forward, which runs only for the rows that go on."""
+    model, processor = model_and_processor
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(module))
+    try:
+        batcher = ContinuousBatcher(model=model, slots=2, columns=64, max_images=3)
+        inputs = inputs_of(processor, 0)
+        ended = batcher.submit(request(inputs, greedy(1)))
+        assert batcher.step() is False and len(forwards) == 1  # the prefill alone
+        # Prefilled together (their images have one shape), then one decoding forward for the row that goes on.
+        kept = batcher.submit(request(inputs, greedy(3)))
+        ended_again = batcher.submit(request(inputs, greedy(1)))
+        batcher.step()
+        assert ended_again.done and not kept.done and batcher.running == 1 and len(forwards) == 3
+        batcher.run()
+    finally:
+        hook.remove()
+    assert ended.finish_reason == ended_again.finish_reason == "length"
+    assert ended.tokens == ended_again.tokens == alone(model, inputs, greedy(1))
+    assert kept.tokens == alone(model, inputs, greedy(3))
+
+
 def test_a_decoding_step_reads_the_device_once(model_and_processor):
     """One host sync per step in Flaminko's code (the model's, the batcher's, the cache's): all rows' new
     tokens, read together. The prompt's checks read values at the prefill only."""

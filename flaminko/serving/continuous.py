@@ -37,8 +37,8 @@ generator at submission). generate draws from the global generator, which `torch
 as the request's generator is seeded: a seeded request gives what `torch.manual_seed(seed)` then
 `model.generate(...)` give alone, whatever runs beside it.
 
-One host sync per step: the step's new tokens of every row (and the first tokens of the rows that
-joined) are read together, to stream them and to end rows.
+One host sync per step: the step's new tokens of every row are read together, to stream them and to
+end rows. A step where rows joined reads their first tokens first, before its decoding forward.
 """
 
 import dataclasses
@@ -234,18 +234,17 @@ class ContinuousBatcher:
         decoding forward runs over every active row. Returns whether requests are still running or queued."""
         self._leave([index for index, row in enumerate(self._rows) if row.answer.cancelled], reason="cancelled")
         joined, first_tokens = self._admit()
+        if joined:
+            # A step where rows joined reads their first tokens before decoding: they stream a step
+            # sooner, and a row that its first token ends leaves without a decoding forward.
+            ended = {row for row, token in zip(joined, torch.cat(first_tokens).tolist()) if self._take(row, token)}
+            self._leave([index for index, row in enumerate(self._rows) if row in ended])
         if not self._rows:
             return not self._queue.empty()
-        new_tokens = self._decode()
-        # The step's one host sync.
-        taken = torch.cat([*first_tokens, new_tokens]).tolist()
-        firsts, decoded = taken[: len(joined)], taken[len(joined) :]
-        ended = {row for row, token in zip(joined, firsts) if self._take(row, token)}
-        for row, token in zip(self._rows, decoded):
-            # A row that ended on its first token ran in this step's forward for nothing.
-            if row not in ended and self._take(row, token):
-                ended.add(row)
-        self._leave([index for index, row in enumerate(self._rows) if row in ended])
+        # A step's one read of the device (two where rows joined).
+        decoded = self._decode().tolist()
+        ended = [index for index, (row, token) in enumerate(zip(self._rows, decoded)) if self._take(row, token)]
+        self._leave(ended)
         return bool(self._rows) or not self._queue.empty()
 
     def _admit(self) -> tuple[list[_Row], list[torch.Tensor]]:
