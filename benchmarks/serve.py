@@ -226,6 +226,22 @@ def main():
         for row in rows
     ]
     table = "\n".join([header, *lines])
+    by_key = {(row["server"], row["clients"]): row for row in rows}
+    # Continuous batching over micro-batching, at each client count. With the same rows and step cost, a
+    # micro-batch runs --long-tokens steps for every --max-batch-size requests, continuous batching for
+    # every --max-batch-size long answers: its requests/s can be at most --long-every times as many.
+    versus = {
+        clients: {
+            "requests_per_second": by_key["continuous", clients]["requests_per_second"] / by_key["micro-batching", clients]["requests_per_second"],
+            "ttft_p95": by_key["continuous", clients]["ttft_p95"] / by_key["micro-batching", clients]["ttft_p95"],
+        }
+        for clients in args.clients
+    }
+    comparison = "\n".join(
+        f"{clients} clients: continuous {ratio['requests_per_second']:.2f}x micro-batching's requests/s, "
+        f"{ratio['ttft_p95']:.2f}x its p95 first token"
+        for clients, ratio in versus.items()
+    )
     settings = {
         "shape": args.shape,
         "layers": args.layers,
@@ -241,10 +257,11 @@ def main():
         "threads": torch.get_num_threads(),
         "measured_on": setup(),
     }
-    print(f"\n{settings}\nMedians over the quiet samples (all samples where none was quiet).\n{table}")
+    print(f"\n{settings}\nMedians over the quiet samples (all samples where none was quiet).\n{table}\n{comparison}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"settings": settings, "rows": rows, "markdown": table}, indent=2, ensure_ascii=False))
+        results = {"settings": settings, "rows": rows, "markdown": table, "continuous_over_micro_batching": versus}
+        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":
