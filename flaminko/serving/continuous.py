@@ -241,7 +241,6 @@ class ContinuousBatcher:
             self._leave([index for index, row in enumerate(self._rows) if row in ended])
         if not self._rows:
             return not self._queue.empty()
-        # A step's one read of the device (two where rows joined).
         decoded = self._decode().tolist()
         ended = [index for index, (row, token) in enumerate(zip(self._rows, decoded)) if self._take(row, token)]
         self._leave(ended)
