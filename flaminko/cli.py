@@ -477,7 +477,13 @@ def main(argv=None):
     else:
         args = parser.parse_args(argv)
     try:
+        started_here = not _process_group_started()
         RUNS[args.command](args)
+        if started_here and _process_group_started():
+            # Torn down here, as torch.distributed asks programs to, not by destructors at the interpreter's
+            # exit, where a rank's communication threads can abort it ("terminate called without an active
+            # exception").
+            sys.modules["torch.distributed"].destroy_process_group()
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
@@ -487,6 +493,13 @@ def main(argv=None):
         if debug or not (isinstance(error, USER_ERRORS) or is_connection_error(error) or _is_hub_error(error)):
             raise
         parser.exit(2, f"flaminko {args.command}: error: {one_line(error)}\n")
+
+
+def _process_group_started() -> bool:
+    """Whether torch.distributed has a default process group (a launched train or eval run starts one);
+    torch is not imported to find out."""
+    distributed = sys.modules.get("torch.distributed")
+    return bool(distributed and distributed.is_available() and distributed.is_initialized())
 
 
 def _is_hub_error(error: BaseException) -> bool:

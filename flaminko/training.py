@@ -619,7 +619,3 @@ def main(argv=None):
     trainer, final = train(*parse_arguments(argv))
     if trainer.is_world_process_zero():
         print(f"saved to {final}")
-    # A launched run's process group is torn down here, as torch.distributed asks programs to, not by
-    # destructors at the interpreter's exit, where a rank's communication threads can abort it.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

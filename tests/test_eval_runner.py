@@ -5,7 +5,6 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -344,38 +343,27 @@ def test_bad_data_is_one_line_error(model_folder, data, tmp_path, capsys, argume
     assert re.search(message, error), error
 
 
-WORKER = textwrap.dedent(
-    """
-    import json, sys
-    from flaminko.evaluation import evaluate
-    model, table, out = sys.argv[1:4]
-    report = evaluate(model, task="captioning", data=table, support=table, shots=[1], max_new_tokens=3, num_beams=1,
-                      batch_size=2, device="cpu", output_dir=out, progress=False)
-    if report is not None:
-        print("REPORT", json.dumps(report["metrics"]), report["processes"])
-    """
-)
-
-
 def test_two_processes_gather_once_and_match_one(model_folder, data, tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    """docs/evaluation.md's `torchrun --nproc_per_node 2 -m flaminko.cli eval ...`: both ranks exit 0
+    (the command tears its process group down), and only the main process reports."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), str(script), str(model_folder), str(data["captions_tsv"]), str(tmp_path / "two"),
+        "--master_port", str(port), "-m", "flaminko.cli", "eval", "--model", str(model_folder), "--task", "captioning",
+        "--data", str(data["captions_tsv"]), "--support", str(data["captions_tsv"]), "--shots", "1", "--max_new_tokens", "3",
+        "--num_beams", "1", "--batch_size", "2", "--device", "cpu", "--out", str(tmp_path / "two"),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    reports = [line for line in result.stdout.splitlines() if line.startswith("REPORT")]
-    assert len(reports) == 1 and reports[0].endswith(" 2")  # only the main process reports
+    assert [line for line in result.stdout.splitlines() if line.startswith("results: ")] == [f"results: {tmp_path / 'two'}/results.json"]
+    report = json.loads((tmp_path / "two" / "results.json").read_text())
     single = evaluate(
         str(model_folder), task="captioning", data=data["captions_tsv"], support=data["captions_tsv"], shots=[1],
         max_new_tokens=3, num_beams=1, batch_size=2, output_dir=tmp_path / "one", progress=False,
     )  # fmt: skip
-    assert json.loads(reports[0].split(" ", 1)[1].rsplit(" ", 1)[0]) == single["metrics"]
+    assert report["processes"] == 2 and report["metrics"] == single["metrics"]
     two = (tmp_path / "two" / "predictions-captioning-1shot-trial0.jsonl").read_text()
     one = (tmp_path / "one" / "predictions-captioning-1shot-trial0.jsonl").read_text()
     assert two == one
